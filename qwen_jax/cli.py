@@ -1,0 +1,43 @@
+"""`qwen-jax <verb> ...`: the single command-line entry point.
+
+Each verb lives in its own module and owns its argument parsing (argparse, or absl flags with
+ml_collections `--config` for the experiment-driven verbs). Modules are imported only when their
+verb runs, so `qwen-jax tokenizer ...` never pays for TensorFlow or torch imports.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# verb -> (module, function taking argv[1:] of the verb and returning an exit code, one-line help)
+VERBS: dict[str, tuple[str, str, str]] = {
+    "convert": ("qwen_jax.checkpoint.convert", "main", "HF safetensors <-> Orbax params"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: qwen-jax <verb> [args...]", "", "verbs:"]
+    width = max(len(v) for v in VERBS)
+    lines += [f"  {verb.ljust(width)}  {help_}" for verb, (_, _, help_) in sorted(VERBS.items())]
+    lines += ["", "`qwen-jax <verb> --help` describes each verb."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"qwen-jax: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, func_name, _ = VERBS[verb]
+    func = getattr(importlib.import_module(module_name), func_name)
+    code = func(rest)
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+"""Stateless layer math shared by the transformer: RMSNorm and the SwiGLU MLP."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """y = (x * rsqrt(mean(x^2) + eps)).astype(x.dtype) * weight, statistics in fp32 (spec §1.1)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return normed.astype(x.dtype) * weight.astype(x.dtype)
+
+
+def swiglu(x_btd: jax.Array, w1_df: jax.Array, w2_df: jax.Array, c_proj_fd: jax.Array) -> jax.Array:
+    """Qwen v1 MLP: c_proj(w1(x) * silu(w2(x))). w2 is the gate, w1 the linear "up" branch."""
+    up_btf = jnp.einsum("btd,df->btf", x_btd, w1_df)
+    gate_btf = jnp.einsum("btd,df->btf", x_btd, w2_df)
+    return jnp.einsum("btf,fd->btd", up_btf * jax.nn.silu(gate_btf), c_proj_fd)

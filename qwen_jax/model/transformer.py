@@ -1,0 +1,258 @@
+"""The Qwen decoder in Flax NNX: parameters stacked over layers and scanned.
+
+Parameters are NNX `Param`s holding arrays with a leading layer axis L and logical axis names in
+their `out_sharding` metadata (resolved by qwen_jax.sharding; eager sharding is off so the same
+module works abstractly, unsharded, or under a mesh). The forward pass is pure einsum math scanned
+over that layer axis, so compile time is flat in depth and remat is one `jax.checkpoint` policy.
+
+Qwen v1's fused `c_attn` ([Q|K|V] in one matmul) is kept as three projections here: the math is
+identical, GQA and tensor-parallel head sharding stay uniform, and checkpoint I/O fuses/splits
+(qwen_jax.checkpoint.hf). Names keep v1's MLP convention: w1 = up, w2 = gate, c_proj = down.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from qwen_jax.model import rope
+from qwen_jax.model.attention import attention
+from qwen_jax.model.config import QwenConfig
+from qwen_jax.model.layers import rms_norm, swiglu
+from qwen_jax.sharding import shard
+
+# Per-layer parameters: name -> (shape builder, logical axes without the layer axis, init kind).
+_LAYER_PARAMS: dict[str, tuple[Any, tuple[str, ...], str]] = {
+    "ln_1": (lambda c: (c.hidden_size,), ("norm",), "ones"),
+    "wq": (lambda c: (c.hidden_size, c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), "w"),
+    "wk": (
+        lambda c: (c.hidden_size, c.num_kv_heads, c.head_dim),
+        ("embed", "kv_heads", "head_dim"),
+        "w",
+    ),
+    "wv": (
+        lambda c: (c.hidden_size, c.num_kv_heads, c.head_dim),
+        ("embed", "kv_heads", "head_dim"),
+        "w",
+    ),
+    "bq": (lambda c: (c.num_heads, c.head_dim), ("heads", "head_dim"), "zeros"),
+    "bk": (lambda c: (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), "zeros"),
+    "bv": (lambda c: (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), "zeros"),
+    "wo": (
+        lambda c: (c.num_heads, c.head_dim, c.hidden_size),
+        ("heads", "head_dim", "embed"),
+        "proj",
+    ),
+    "ln_2": (lambda c: (c.hidden_size,), ("norm",), "ones"),
+    "w1": (lambda c: (c.hidden_size, c.ffn_size), ("embed", "mlp"), "w"),
+    "w2": (lambda c: (c.hidden_size, c.ffn_size), ("embed", "mlp"), "w"),
+    "c_proj": (lambda c: (c.ffn_size, c.hidden_size), ("mlp", "embed"), "proj"),
+}
+_BIASES = ("bq", "bk", "bv")
+
+
+def _param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def _remat(fn, policy: str):
+    if policy == "none":
+        return fn
+    policies = {
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "dots": jax.checkpoint_policies.checkpoint_dots,
+        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("q", "k", "v", "attn_out"),
+    }
+    if policy not in policies:
+        raise ValueError(f"unknown remat_policy {policy!r}; choose from {['none', *policies]}")
+    return jax.checkpoint(fn, policy=policies[policy], prevent_cse=False)
+
+
+class Blocks(nnx.Module):
+    """All L decoder blocks, each parameter stacked along a leading layer axis."""
+
+    def __init__(self, cfg: QwenConfig, *, rngs: nnx.Rngs):
+        dtype, n = cfg.weight_dtype, cfg.num_layers
+        proj_std = cfg.init_std / math.sqrt(2 * n)  # c_proj weights (spec §1.1 init)
+        for name, (shape_fn, axes, kind) in _LAYER_PARAMS.items():
+            if name in _BIASES and not cfg.qkv_bias:
+                continue
+            shape = (n, *shape_fn(cfg))
+            if kind == "ones":
+                value = jnp.ones(shape, dtype)
+            elif kind == "zeros":
+                value = jnp.zeros(shape, dtype)
+            else:
+                std = proj_std if kind == "proj" else cfg.init_std
+                value = std * jax.random.normal(rngs.params(), shape, dtype)
+            setattr(self, name, _param(value, ("layers", *axes)))
+
+    def stacked(self) -> dict[str, jax.Array]:
+        return {name: getattr(self, name)[...] for name in _LAYER_PARAMS if hasattr(self, name)}
+
+
+class Qwen(nnx.Module):
+    """Qwen / Qwen2-family decoder-only LM.
+
+    Call: tokens [B, T] int -> logits [B, T, V] fp32 (or final hidden [B, T, D] with
+    return_hidden=True, for chunked losses and value/reward heads).
+    """
+
+    def __init__(self, cfg: QwenConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dtype = cfg.weight_dtype
+        shape_vd = (cfg.vocab_size, cfg.hidden_size)
+        self.wte = _param(
+            cfg.init_std * jax.random.normal(rngs.params(), shape_vd, dtype), ("vocab", "embed")
+        )
+        self.blocks = Blocks(cfg, rngs=rngs)
+        self.ln_f = _param(jnp.ones((cfg.hidden_size,), dtype), ("norm",))
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(
+                cfg.init_std
+                * jax.random.normal(rngs.params(), (cfg.hidden_size, cfg.vocab_size), dtype),
+                ("embed", "vocab"),
+            )
+
+    # ------------------------------------------------------------------------------ forward
+
+    def __call__(
+        self,
+        tokens_bt: jax.Array,
+        *,
+        positions_bt: jax.Array | None = None,
+        segment_ids_bt: jax.Array | None = None,
+        cache: dict[str, jax.Array] | None = None,
+        rope_alpha_b: jax.Array | None = None,
+        logn: bool = False,
+        return_hidden: bool = False,
+    ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        """Run the decoder.
+
+        Args:
+          tokens_bt: [B, T] token ids.
+          positions_bt: [B, T] RoPE positions (default arange(T) + cache index).
+          segment_ids_bt: [B, T] document ids for packing; 0 marks padding. Default all ones.
+            For a padded batch this is exactly the usual attention mask (1 real, 0 pad).
+          cache: KV cache from `init_cache` ({"k","v": [L,B,S,K,H], "segment_ids": [B,S],
+            "index": int32 scalar}); the T new tokens are written at slots [index, index+T).
+          rope_alpha_b: [B] dynamic-NTK alpha per row (spec §2.1), None = plain RoPE.
+          logn: scale queries by LogN (spec §2.2) beyond cfg.seq_length (inference only).
+          return_hidden: return the final-norm hidden states [B, T, D] instead of logits.
+
+        Returns:
+          (logits [B, T, V] fp32 or hidden [B, T, D], updated cache or None)
+        """
+        cfg = self.cfg
+        b, t = tokens_bt.shape
+        start = jnp.zeros((), jnp.int32) if cache is None else cache["index"]
+        slots_t = start + jnp.arange(t, dtype=jnp.int32)
+        q_slot_bt = jnp.broadcast_to(slots_t, (b, t))
+        if positions_bt is None:
+            positions_bt = q_slot_bt
+        if segment_ids_bt is None:
+            segment_ids_bt = jnp.ones((b, t), jnp.int32)
+        segment_ids_bt = segment_ids_bt.astype(jnp.int32)
+
+        kv_segment_bs = segment_ids_bt
+        if cache is not None:
+            kv_segment_bs = jax.lax.dynamic_update_slice(
+                cache["segment_ids"], segment_ids_bt, (0, start)
+            )
+
+        cos, sin = rope.rope_angles(positions_bt, cfg.head_dim, cfg.rope_base, rope_alpha_b)
+        q_scale_bt = rope.logn_scale(positions_bt, cfg.seq_length) if logn else None
+        windows_l = jnp.asarray(cfg.attn_windows or (0,) * cfg.num_layers, jnp.int32)
+
+        dt = cfg.compute_dtype
+        x = jnp.take(self.wte[...], tokens_bt, axis=0).astype(dt)
+        x = shard(x, "batch", "act_seq", "act_embed")
+
+        def layer(x_btd, xs):
+            p, window, k_cache, v_cache = xs
+            p = {k: v.astype(dt) for k, v in p.items()}
+            h = rms_norm(x_btd, p["ln_1"], cfg.rms_eps)
+            q = jnp.einsum("btd,dnh->btnh", h, p["wq"])
+            k = jnp.einsum("btd,dkh->btkh", h, p["wk"])
+            v = jnp.einsum("btd,dkh->btkh", h, p["wv"])
+            if cfg.qkv_bias:
+                q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+            q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+            if q_scale_bt is not None:
+                q = (q.astype(jnp.float32) * q_scale_bt[:, :, None, None]).astype(dt)
+            q = checkpoint_name(shard(q, "batch", None, "act_heads", None), "q")
+            k = checkpoint_name(k, "k")
+            v = checkpoint_name(v, "v")
+            if k_cache is not None:
+                at = (0, start, 0, 0)
+                k_all = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), at)
+                v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), at)
+                k_att, v_att = k_all.astype(dt), v_all.astype(dt)
+            else:
+                k_all = v_all = None
+                k_att, v_att = k, v
+            o = attention(
+                q,
+                k_att,
+                v_att,
+                q_slot_bt=q_slot_bt,
+                q_segment_bt=segment_ids_bt,
+                kv_segment_bs=kv_segment_bs,
+                window=window,
+                impl=cfg.attention_impl if cache is None else "xla",
+            )
+            o = checkpoint_name(o, "attn_out")
+            x_btd = x_btd + jnp.einsum("btnh,nhd->btd", o, p["wo"])
+            h = rms_norm(x_btd, p["ln_2"], cfg.rms_eps)
+            x_btd = x_btd + swiglu(h, p["w1"], p["w2"], p["c_proj"])
+            x_btd = shard(x_btd, "batch", "act_seq", "act_embed")
+            return x_btd, (k_all, v_all)
+
+        kv = (None, None) if cache is None else (cache["k"], cache["v"])
+        xs = (self.blocks.stacked(), windows_l, *kv)
+        x, (k_new, v_new) = jax.lax.scan(_remat(layer, cfg.remat_policy), x, xs)
+
+        h = rms_norm(x, self.ln_f[...], cfg.rms_eps)
+        new_cache = None
+        if cache is not None:
+            new_cache = {"k": k_new, "v": v_new, "segment_ids": kv_segment_bs, "index": start + t}
+        if return_hidden:
+            return h, new_cache
+        return self.logits(h), new_cache
+
+    def head_weight(self) -> jax.Array:
+        """The output projection [D, V] (the transposed embedding when tied)."""
+        return self.wte[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+
+    def logits(self, h_btd: jax.Array) -> jax.Array:
+        """[B, T, D] -> fp32 logits [B, T, V] (compute-dtype inputs, fp32 accumulation)."""
+        w = self.head_weight().astype(h_btd.dtype)
+        out = jnp.einsum("btd,dv->btv", h_btd, w, preferred_element_type=jnp.float32)
+        return shard(out, "batch", "act_seq", "act_vocab")
+
+
+def init_cache(
+    cfg: QwenConfig, batch: int, max_len: int, dtype: Any = None
+) -> dict[str, jax.Array]:
+    """Empty KV cache: k/v [L, B, S, K, H], segment ids [B, S] (0 = empty), write index 0."""
+    dtype = dtype or cfg.compute_dtype
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    k = shard(jnp.zeros(shape, dtype), None, "cache_batch", "cache_seq", "cache_kv_heads", None)
+    return {
+        "k": k,
+        "v": jnp.zeros_like(k),
+        "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def positions_from_mask(mask_bt: jax.Array) -> jax.Array:
+    """RoPE positions for a padded batch: count of real tokens before each slot (pads get 0)."""
+    mask = mask_bt.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0) * mask
