@@ -12,7 +12,14 @@ import sys
 
 # verb -> (module, function taking argv[1:] of the verb and returning an exit code, one-line help)
 VERBS: dict[str, tuple[str, str, str]] = {
+    "tokenizer": ("qwen_jax.tokenizer.cli", "main", "encode/decode ids, train SentencePiece"),
+    "data": ("qwen_jax.data.cli", "main", "build demo corpus, dedup, list/inspect tasks"),
     "convert": ("qwen_jax.checkpoint.convert", "main", "HF safetensors <-> Orbax params"),
+    "eval": ("qwen_jax.evals.cli", "main", "benchmarks (run, fetch-data) and their sandbox"),
+    "train": ("qwen_jax.train.cli", "train_main", "train from an experiment file"),
+    "export": ("qwen_jax.train.export", "main", "training checkpoint -> params/HF export"),
+    "compile": ("qwen_jax.train.cli", "compile_main", "AOT-compile a train step for a TPU slice"),
+    "bench": ("qwen_jax.benchmark", "main", "benchmarks on design.md's bench shape (JSON lines)"),
 }
 
 

@@ -1,0 +1,160 @@
+"""Ahead-of-time compilation of the full train step for a TPU slice, from a CPU-only host.
+
+libtpu (the `tpu` extra) provides compile-only TPU devices through
+`jax.experimental.topologies`; the step is lowered with the experiment's real shapes and
+shardings (nothing allocated) and compiled by the TPU compiler, which reports per-device memory
+(`memory_analysis`) and FLOPs (`cost_analysis`). An out-of-HBM program fails at compile time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+
+from qwen_jax.sharding import make_mesh
+from qwen_jax.train.config import TrainConfig
+
+GIB = 1 << 30
+# HBM per device as JAX exposes devices (v4/v5p: one megacore device per chip).
+HBM_BYTES = {"v4": 32 * GIB, "v5p": 95 * GIB, "v5e": 16 * GIB, "v6e": 32 * GIB}
+_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+_3D = {
+    4: "2x2x1",
+    8: "2x2x2",
+    16: "2x2x4",
+    32: "2x4x4",
+    64: "4x4x4",
+    128: "4x4x8",
+    256: "4x8x8",
+    512: "8x8x8",
+    1024: "8x8x16",
+    2048: "8x16x16",
+    4096: "16x16x16",
+}
+
+
+def topology_devices(name: str):
+    """Compile-only devices of a slice named like Cloud TPU accelerator types.
+
+    v4-N and v5p-N count TensorCores (N/2 megacore chips); v5e-N and v6e-N count chips.
+    """
+    m = re.fullmatch(r"(v4|v5p|v5e|v6e)-(\d+)", name)
+    if not m:
+        raise ValueError(f"unknown topology {name!r}; expected v4-N, v5p-N, v5e-N or v6e-N")
+    gen, n = m.group(1), int(m.group(2))
+    from jax.experimental import topologies
+
+    if gen in ("v4", "v5p"):
+        chips = n // 2
+        if chips not in _3D:
+            raise ValueError(f"{name}: {chips} chips is not a supported slice ({sorted(_3D)})")
+        prefix = "v4" if gen == "v4" else "v5"
+        desc = topologies.get_topology_desc(
+            topology_name=f"{prefix}:{_3D[chips]}",
+            platform="tpu",
+            chip_config_name="megacore",
+            chips_per_host_bounds=(2, 2, 1),
+            num_slices=1,
+            wrap=(chips >= 64,) * 3,
+        )
+    else:
+        if n not in _2D:
+            raise ValueError(f"{name}: {n} chips is not a supported slice ({sorted(_2D)})")
+        desc = topologies.get_topology_desc(
+            topology_name=f"{gen}:{_2D[n]}",
+            platform="tpu",
+            chip_config_name="default",
+            chips_per_host_bounds=(2, 2, 1),
+            num_slices=1,
+            wrap=(False, False, False),
+        )
+    return gen, desc.devices
+
+
+@dataclasses.dataclass
+class CompileReport:
+    topology: str
+    devices: int
+    mesh: dict[str, int]
+    hbm_per_device: int
+    argument_bytes: int = 0
+    output_bytes: int = 0
+    alias_bytes: int = 0
+    temp_bytes: int = 0
+    flops_per_step: float = 0.0
+    compile_seconds: float = 0.0
+    error: str = ""
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+    @property
+    def fits(self) -> bool:
+        return not self.error and self.peak_bytes <= self.hbm_per_device
+
+    def summary(self) -> str:
+        head = f"{self.topology}: {self.devices} devices, mesh {self.mesh}"
+        if self.error:
+            return f"{head}\nDOES NOT FIT / FAILED: {self.error}"
+        return (
+            f"{head}\n"
+            f"  per-device HBM: {self.peak_bytes / GIB:.2f} GiB of {self.hbm_per_device / GIB:.0f}"
+            f" (args {self.argument_bytes / GIB:.2f}, temp {self.temp_bytes / GIB:.2f},"
+            f" out {self.output_bytes / GIB:.2f}, aliased {self.alias_bytes / GIB:.2f})\n"
+            f"  FLOPs per step (per device, compiler count): {self.flops_per_step:.3e}\n"
+            f"  compiled in {self.compile_seconds:.1f} s; fits: {self.fits}"
+        )
+
+
+def compile_for_topology(config: TrainConfig, topology: str, *, fast: bool = False):
+    """Lower and compile the experiment's train step for `topology`; never allocates."""
+    from qwen_jax.train.trainer import build_step_functions
+
+    if not topology:
+        raise ValueError("no topology: pass --topology or set config.tpu.topology")
+    gen, devices = topology_devices(topology)
+    mesh = make_mesh(config.mesh, devices=devices)
+    model_cfg = config.model_config()
+    abstract, state_sh, batch_sh, _, train_fn, _ = build_step_functions(config, model_cfg, mesh)
+    state_in = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh
+    )
+    shape = (config.data.global_batch, config.data.seq_len)
+    batch_in = {
+        k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh)
+        for k in (
+            "decoder_input_tokens",
+            "decoder_target_tokens",
+            "decoder_loss_weights",
+            "decoder_segment_ids",
+            "decoder_positions",
+        )
+    }
+    report = CompileReport(topology, len(devices), dict(mesh.shape), HBM_BYTES[gen])
+    previous = jax.config.jax_optimization_level
+    if fast:  # shared/notes/tpu_aot.md §5: ~10x faster compiles, memory within ~2%
+        jax.config.update("jax_optimization_level", "O0")
+    start = time.perf_counter()
+    try:
+        with jax.set_mesh(mesh):
+            compiled = train_fn.lower(state_in, batch_in).compile()
+    except Exception as e:  # noqa: BLE001 - the compiler's OOM is a result, not a crash
+        report.error = str(e).splitlines()[0][:500]
+        return report
+    finally:
+        jax.config.update("jax_optimization_level", previous)
+    report.compile_seconds = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    report.argument_bytes = mem.argument_size_in_bytes
+    report.output_bytes = mem.output_size_in_bytes
+    report.alias_bytes = mem.alias_size_in_bytes
+    report.temp_bytes = mem.temp_size_in_bytes
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    report.flops_per_step = float(cost.get("flops", 0.0))
+    return report

@@ -1,0 +1,171 @@
+"""The training run's typed configuration, and its bridge to ml_collections experiment files.
+
+Experiment files (experiments/**.py) start from `defaults()` — a ConfigDict holding every field,
+so `--config.section.key=value` can override anything with type checking — and set what they
+reproduce. `TrainConfig.from_config_dict` validates the result (unknown keys, wrong types) before
+anything is built or compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any
+
+import ml_collections
+
+from qwen_jax.model.config import PRESETS, QwenConfig, tiny
+from qwen_jax.sharding import MeshConfig
+from qwen_jax.train.optim import OptimConfig
+from qwen_jax.train.step import StepConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    mixture: str = "demo_pretrain_v1"  # seqio task or mixture name
+    eval_mixture: str = ""  # "" = no held-out eval
+    eval_split: str = "validation"
+    data_dir: str = ""  # where file-backed tasks read from ("" = task default)
+    tokenizer: str = "qwen"  # "qwen" (real qwen.tiktoken) or a path (SentencePiece/tiktoken/HF)
+    seq_len: int = 2048
+    global_batch: int = 8  # sequences per step over all hosts
+    num_shards: int = 0  # logical data shards (0 = one per process); see trainer docstring
+    seed: int = 0
+    pack: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    steps: int = 100
+    log_every: int = 10
+    eval_every: int = 0  # 0 = never
+    eval_batches: int = 4
+    checkpoint_every: int = 0  # 0 = only at the end (and on preemption)
+    keep_checkpoints: int = 3
+    async_checkpoints: bool = True
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuConfig:
+    topology: str = ""  # e.g. "v5p-128": the slice the experiment targets (qwen-jax compile)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs. `model` is a preset name plus field overrides (None = preset's)."""
+
+    model_preset: str = "tiny"
+    model_overrides: tuple[tuple[str, Any], ...] = ()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    step: StepConfig = StepConfig()
+    run: RunConfig = RunConfig()
+    mesh: MeshConfig = MeshConfig()
+    tpu: TpuConfig = TpuConfig()
+
+    def model_config(self, vocab_size: int | None = None) -> QwenConfig:
+        """The architecture; `vocab_size` (from the tokenizer) applies unless overridden."""
+        if self.model_preset == "tiny":
+            base = tiny()
+        elif self.model_preset in PRESETS:
+            base = PRESETS[self.model_preset]
+        else:
+            raise ValueError(
+                f"unknown model preset {self.model_preset!r}; choose from {['tiny', *PRESETS]}"
+            )
+        changes = dict(self.model_overrides)
+        if vocab_size is not None and "vocab_size" not in changes:
+            changes["vocab_size"] = vocab_size
+        return base.replace(**changes)
+
+    # ------------------------------------------------------------------ ml_collections bridge
+
+    @staticmethod
+    def defaults() -> ml_collections.ConfigDict:
+        """A ConfigDict with every field (model fields as typed placeholders)."""
+        c = ml_collections.ConfigDict()
+        c.model = ml_collections.ConfigDict({"preset": "tiny"})
+        hints = typing.get_type_hints(QwenConfig)
+        for f in dataclasses.fields(QwenConfig):
+            c.model[f.name] = ml_collections.config_dict.placeholder(_base_type(hints[f.name]))
+        for name, cls in _SECTIONS.items():
+            c[name] = ml_collections.ConfigDict(dataclasses.asdict(cls()))
+        return c
+
+    @classmethod
+    def from_config_dict(cls, c: ml_collections.ConfigDict) -> TrainConfig:
+        """Validate and convert; unknown keys or wrong types raise ValueError naming them."""
+        d = c.to_dict()
+        unknown = sorted(set(d) - {"model", *_SECTIONS})
+        if unknown:
+            raise ValueError(f"unknown config section(s) {unknown}")
+        model = dict(d.get("model", {}))
+        preset = model.pop("preset", "tiny")
+        fields = {f.name: f for f in dataclasses.fields(QwenConfig)}
+        hints = typing.get_type_hints(QwenConfig)
+        overrides = []
+        for key, value in sorted(model.items()):
+            if key not in fields:
+                raise ValueError(f"unknown config key model.{key}")
+            if value is None:
+                continue
+            if key == "attn_windows":
+                value = tuple(value)
+            _check_type(f"model.{key}", value, hints[key])
+            overrides.append((key, value))
+        sections = {}
+        for name, scls in _SECTIONS.items():
+            sections[name] = _build(name, scls, d.get(name, {}))
+        out = cls(model_preset=preset, model_overrides=tuple(overrides), **sections)
+        out.model_config()  # fail now on a bad preset or field combination
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"model": {"preset": self.model_preset, **dict(self.model_overrides)}}
+        out.update({name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS})
+        return out
+
+
+_SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "step": StepConfig,
+    "run": RunConfig,
+    "mesh": MeshConfig,
+    "tpu": TpuConfig,
+}
+
+
+def _base_type(hint):
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return type(typing.get_args(hint)[0])
+    if origin in (tuple,):
+        return tuple
+    if origin in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _check_type(name: str, value: Any, hint) -> None:
+    want = _base_type(hint)
+    ok = isinstance(value, want) or (want is float and isinstance(value, int))
+    if isinstance(value, bool) and want in (int, float):
+        ok = False
+    if not ok:
+        raise ValueError(f"config key {name}={value!r}: expected {want.__name__}")
+    if typing.get_origin(hint) is typing.Literal and value not in typing.get_args(hint):
+        raise ValueError(f"config key {name}={value!r}: expected one of {typing.get_args(hint)}")
+
+
+def _build(section: str, cls: type, values: dict[str, Any]):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown config key {section}.{unknown[0]}")
+    for key, value in values.items():
+        _check_type(f"{section}.{key}", value, hints[key])
+    return cls(**{k: (float(v) if hints[k] is float else v) for k, v in values.items()})
