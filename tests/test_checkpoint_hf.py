@@ -82,7 +82,9 @@ def test_params_checkpoint_round_trip(tmp_path):
 def test_cli_convert_both_ways(tmp_path, capsys):
     hf = make_hf_model(kv_heads=4, seed=5)
     hf.save_pretrained(tmp_path / "hf")
-    assert cli_main(["convert", "--from-hf", str(tmp_path / "hf"), "--to", str(tmp_path / "p")]) == 0
+    assert (
+        cli_main(["convert", "--from-hf", str(tmp_path / "hf"), "--to", str(tmp_path / "p")]) == 0
+    )
     args = ["convert", "--from-orbax", str(tmp_path / "p"), "--to-hf", str(tmp_path / "v1")]
     assert cli_main([*args, "--layout", "qwen"]) == 0
     _, model = load_hf(tmp_path / "v1")

@@ -1,0 +1,183 @@
+"""Launcher for one untrusted program: namespaces, read-only filesystem, limits, then exec.
+
+Run as a script (`python -I -S -B _jail.py CONFIG_JSON`), never imported by the host: it runs
+between the host's fork and the untrusted program's exec, so it must stay single-threaded and
+use the standard library only. `sandbox.py` builds CONFIG_JSON and reads the outcome.
+
+With `isolate` set (needs root on Linux) the launcher unshares the mount, network, PID, IPC and
+UTS namespaces and forks; the child is PID 1 of a fresh PID namespace, so when it exits or is
+killed every process the program started dies with it (the kernel guarantees this; no process
+can leave the namespace). In the child's private mount namespace every mount is re-bound
+read-only, the working directory becomes a size-capped tmpfs (the host's copy of the staged
+files is read before and written back after), and a fresh /proc shows only the namespace.
+The child then sets the resource limits, drops to a uid used by no one else (so RLIMIT_NPROC
+counts this program's processes only), forbids privilege gain (no_new_privs, so setuid binaries
+do not help), arms a parent-death SIGKILL, and execs the program.
+
+Without `isolate` only the limits and (as root) the uid drop apply; the host then sweeps the
+uid's processes itself. Exit code 125 with a `qwen-jax-jail:` line on stderr means the launcher
+itself failed (for example unshare refused), not the program.
+"""
+
+import ctypes
+import json
+import os
+import resource
+import select
+import signal
+import sys
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+PR_SET_PDEATHSIG = 1
+PR_SET_NO_NEW_PRIVS = 38
+JAIL_FAILED = 125
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _fail(msg: str) -> None:
+    os.write(2, f"qwen-jax-jail: {msg}\n".encode())
+    os._exit(JAIL_FAILED)
+
+
+def _call(name: str, *args) -> None:
+    if getattr(_libc, name)(*args) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{name}{args!r}: {os.strerror(err)}")
+
+
+def _mount(source, target, fstype, flags, data=None) -> None:
+    enc = [None if a is None else a.encode() for a in (source, target, fstype, data)]
+    _call("mount", enc[0], enc[1], enc[2], ctypes.c_ulong(flags), enc[3])
+
+
+def _mount_points() -> list[str]:
+    """Mount points of this namespace (field 5 of mountinfo, octal escapes undone)."""
+    points = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            raw = line.split()[4].decode()
+            points.append(raw.encode().decode("unicode_escape"))
+    return points
+
+
+def _seal_filesystem(workdir: str, tmpfs_bytes: int, uid: int) -> None:
+    """Private mount namespace: everything read-only except a tmpfs working directory."""
+    staged = {}
+    for name in os.listdir(workdir):
+        with open(os.path.join(workdir, name), "rb") as f:
+            staged[name] = f.read()
+    # Without MS_PRIVATE the remounts below would propagate back to the host's mounts.
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    for point in _mount_points():
+        # A bind remount changes the flags of this namespace's view only; the superblock (and
+        # every other namespace) keeps writing normally.
+        try:
+            _mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID)
+        except OSError:
+            if point == "/":
+                raise
+    opts = f"size={tmpfs_bytes},mode=0700,uid={uid},gid={uid}"
+    _mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV, opts)
+    for name, data in staged.items():
+        path = os.path.join(workdir, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        os.chown(path, uid, uid)
+    # /proc of the new PID namespace: the program sees its own processes only.
+    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+
+def _set_limits(limits: dict) -> None:
+    def both(res, value):
+        resource.setrlimit(res, (value, value))
+
+    both(resource.RLIMIT_AS, limits["memory_bytes"])
+    # Soft limit sends SIGXCPU (catchable), the hard one a second later SIGKILL.
+    resource.setrlimit(resource.RLIMIT_CPU, (limits["cpu_s"], limits["cpu_s"] + 1))
+    both(resource.RLIMIT_NPROC, limits["nproc"])
+    both(resource.RLIMIT_FSIZE, limits["file_bytes"])
+    both(resource.RLIMIT_NOFILE, limits["nofile"])
+    both(resource.RLIMIT_CORE, 0)
+
+
+def _become(cfg: dict, parent_alive_fd: int | None) -> None:
+    """Limits, drop privileges, exec the program (never returns)."""
+    uid = cfg["uid"]
+    _set_limits(cfg["limits"])
+    os.chdir(cfg["workdir"])
+    if uid is not None and not cfg["isolate"]:
+        # No tmpfs in this mode: the host's directory itself becomes the program's (0700).
+        for name in os.listdir("."):
+            os.chown(name, uid, uid)
+        os.chown(".", uid, uid)
+        os.chmod(".", 0o700)
+    if uid is not None:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+    _call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    # Set after the uid change, which clears it. Kills the program if the launcher dies.
+    _call("prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if parent_alive_fd is not None:
+        # The launcher may have died before PDEATHSIG was armed: its pipe end is then closed.
+        if select.select([parent_alive_fd], [], [], 0)[0]:
+            os._exit(JAIL_FAILED)
+        os.close(parent_alive_fd)
+    os.execve(cfg["argv"][0], cfg["argv"], cfg["env"])
+
+
+def _wait_and_mirror(pid: int) -> None:
+    """Wait for the namespace's PID 1 and exit the way it did."""
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        signal.signal(sig, signal.SIG_DFL)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        os.kill(os.getpid(), sig)
+    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else JAIL_FAILED)
+
+
+def main() -> None:
+    cfg = json.loads(sys.argv[1])
+    base = cfg["uid_base"]
+    cfg["uid"] = None if base is None else base + os.getpid()
+    # The launcher dies with the host thread that started it (its child then dies too).
+    _call("prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if not cfg["isolate"]:
+        try:
+            _become(cfg, None)
+        except Exception as e:
+            _fail(f"setup failed: {type(e).__name__}: {e}")
+    flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
+    try:
+        _call("unshare", flags)
+    except OSError as e:
+        _fail(f"unshare failed: {e}")
+    alive_r, alive_w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(alive_r)
+        _wait_and_mirror(pid)
+    os.close(alive_w)
+    try:
+        _seal_filesystem(cfg["workdir"], cfg["limits"]["tmpfs_bytes"], cfg["uid"])
+        _become(cfg, alive_r)
+    except Exception as e:  # report and never fall through to running unsandboxed
+        _fail(f"setup failed: {type(e).__name__}: {e}")
+
+
+if __name__ == "__main__":
+    main()
