@@ -44,7 +44,16 @@ test: lint
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 bench: install
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python -m benchmarks.run --out bench_results.json
+
+# Full-depth, default-optimisation AOT compile of every full-size experiment (figures for
+# WORKSPACE.md); the test suite runs a fast 2-layer variant of the same.
+compile-full: install
+	for f in experiments/pretrain/qwen_*.py; do $(BIN)/qwen-jax compile --config=$$f || exit 1; done
+
+# On a GPU machine: kernels without interpret mode, timed against XLA/cuDNN.
+gpu-check: install
+	$(BIN)/python scripts/gpu_check.py --out gpu_check.json
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .ruff_cache

@@ -19,6 +19,7 @@ import logging
 import math
 import signal
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +250,8 @@ def train(config: TrainConfig, workdir: str | Path, *, force: bool = False) -> R
                     row["lr"] = float(schedule(step - 1))
                     row["tokens_per_s"] = window_steps * tokens_per_step / elapsed
                     row["mfu"] = window_steps * flops_per_step / elapsed / peak
+                    # Identifies the batch this step trained on (resume/data-order checks).
+                    row["data_crc32"] = zlib.crc32(local["decoder_input_tokens"].tobytes())
                     writer.write(step, row)
                     history.append({"step": step, **row})
                     window_start, window_steps = time.perf_counter(), 0
