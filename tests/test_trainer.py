@@ -223,3 +223,7 @@ def test_every_experiment_file_loads(path):
     assert local.model_config().num_params() < 10_000_000
     if full.model_preset != "tiny":
         assert full.tpu.topology, f"{path.name} declares no TPU topology"
+    from qwen_jax.data.pipeline import registered_names
+
+    for name in (full.data.mixture, full.data.eval_mixture, local.data.mixture):
+        assert name in registered_names(), f"{path.name}: mixture {name!r} is not registered"

@@ -15,7 +15,7 @@ Commands:
   qwen-jax train --config=experiments/pretrain/qwen_14b.py:runlocal --workdir=/tmp/q14
 """
 
-from qwen_jax.train.config import TrainConfig
+from qwen_jax.train.config import TrainConfig, runlocal
 
 
 def get_config(arg: str | None = None):
@@ -23,7 +23,7 @@ def get_config(arg: str | None = None):
     c.model.preset = "qwen_14b"
     c.model.dtype = "bfloat16"
     c.model.remat_policy = "full"
-    c.data.mixture = c.data.eval_mixture = "qwen_pretrain"
+    c.data.mixture = c.data.eval_mixture = "qwen_pretrain_v1"
     c.data.tokenizer = "qwen"
     c.data.seq_len, c.data.global_batch = 2048, 2048
     c.optim.peak_lr, c.optim.warmup_steps = 3e-4, 2000
@@ -33,11 +33,5 @@ def get_config(arg: str | None = None):
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
     c.tpu.topology = "v5p-512"
     if arg == "runlocal":
-        c.model.preset = "tiny"
-        c.model.dtype, c.model.remat_policy = "float32", "none"
-        c.data.mixture = c.data.eval_mixture = "demo_pretrain_v1"
-        c.data.tokenizer = "runs/demo/tokenizer/spm.model"
-        c.data.seq_len, c.data.global_batch = 128, 8
-        c.optim.warmup_steps, c.optim.total_steps = 10, 50
-        c.run.steps, c.run.log_every, c.run.eval_every, c.run.checkpoint_every = 50, 10, 25, 25
+        runlocal(c)
     return c

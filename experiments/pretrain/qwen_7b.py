@@ -15,7 +15,7 @@ Commands:
   qwen-jax train --config=experiments/pretrain/qwen_7b.py:runlocal --workdir=/tmp/q7  # CPU smoke
 """
 
-from qwen_jax.train.config import TrainConfig
+from qwen_jax.train.config import TrainConfig, runlocal
 
 
 def get_config(arg: str | None = None):
@@ -23,8 +23,8 @@ def get_config(arg: str | None = None):
     c.model.preset = "qwen_7b"
     c.model.dtype = "bfloat16"
     c.model.remat_policy = "full"
-    c.data.mixture = "qwen_pretrain"
-    c.data.eval_mixture = "qwen_pretrain"
+    c.data.mixture = "qwen_pretrain_v1"
+    c.data.eval_mixture = "qwen_pretrain_v1"
     c.data.tokenizer = "qwen"
     c.data.seq_len = 2048
     c.data.global_batch = 2048  # 4M tokens
@@ -38,12 +38,5 @@ def get_config(arg: str | None = None):
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
     c.tpu.topology = "v5p-256"
     if arg == "runlocal":
-        c.model.preset = "tiny"
-        c.model.dtype = "float32"
-        c.model.remat_policy = "none"
-        c.data.mixture = c.data.eval_mixture = "demo_pretrain_v1"
-        c.data.tokenizer = "runs/demo/tokenizer/spm.model"
-        c.data.seq_len, c.data.global_batch = 128, 8
-        c.optim.warmup_steps, c.optim.total_steps = 10, 50
-        c.run.steps, c.run.log_every, c.run.eval_every, c.run.checkpoint_every = 50, 10, 25, 25
+        runlocal(c)
     return c

@@ -9,7 +9,8 @@ Metric: training loss falls well below the corpus unigram entropy (printed by `q
 Commands:
   qwen-jax demo --workdir runs/demo          # builds data + tokenizer, trains, exports, samples
   qwen-jax train --config=experiments/pretrain/tiny.py --workdir=runs/tiny \
-      --config.data.data_dir=runs/demo/data --config.data.tokenizer=runs/demo/tokenizer/spm.model
+      --config.data.data_dir=runs/demo/data \
+      --config.data.tokenizer=runs/demo/tokenizer/tokenizer.model
   qwen-jax train --config=experiments/pretrain/tiny.py:runlocal ...   # 20 steps, for tests
 """
 
@@ -29,7 +30,7 @@ def get_config(arg: str | None = None):
     c.model.max_position_embeddings = 1024
     c.data.mixture = "demo_pretrain_v1"
     c.data.eval_mixture = "demo_pretrain_v1"
-    c.data.tokenizer = "runs/demo/tokenizer/spm.model"
+    c.data.tokenizer = "runs/demo/tokenizer/tokenizer.model"
     c.data.seq_len = 256
     c.data.global_batch = 16
     c.optim.peak_lr = 3e-3

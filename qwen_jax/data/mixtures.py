@@ -29,3 +29,14 @@ DEMO_SFT_RATES = {"demo_sft_chat_v1": 0.5, "demo_sft_code_v1": 0.25, "demo_sft_m
 seqio.MixtureRegistry.add("demo_pretrain_v1", list(DEMO_PRETRAIN_RATES.items()))
 seqio.MixtureRegistry.add("demo_code_pretrain_v1", list(DEMO_CODE_PRETRAIN_RATES.items()))
 seqio.MixtureRegistry.add("demo_sft_v1", list(DEMO_SFT_RATES.items()))
+
+# Full-size pretraining (experiments/pretrain/qwen_*.py). The report publishes no proportions
+# (spec §4.1); these example rates are ours. The tasks read the standard layout under the run's
+# data_dir (e.g. gs://BUCKET/corpora/pretrain/{text,code,math}/...) with Qwen's vocabulary; their
+# `demo_` prefix names the layout they share with the embedded corpus, not the data.
+QWEN_PRETRAIN_RATES = {
+    "demo_pretrain_text_v1": 0.70,
+    "demo_pretrain_code_v1": 0.05,
+    "demo_pretrain_math_v1": 0.25,
+}
+seqio.MixtureRegistry.add("qwen_pretrain_v1", list(QWEN_PRETRAIN_RATES.items()))

@@ -128,6 +128,21 @@ class TrainConfig:
         return out
 
 
+def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrink a full-size experiment into its `:runlocal` form: the same recipe (optimizer,
+    schedule shape, step options) on the tiny preset and the demo corpus, 50 steps on CPU."""
+    c.model.preset = "tiny"
+    c.model.dtype, c.model.remat_policy = "float32", "none"
+    c.data.mixture = c.data.eval_mixture = "demo_pretrain_v1"
+    c.data.tokenizer = "runs/demo/tokenizer/tokenizer.model"
+    c.data.seq_len, c.data.global_batch = 128, 8
+    c.step.microbatches = 1
+    c.optim.warmup_steps, c.optim.total_steps = 10, 50
+    c.run.steps, c.run.log_every, c.run.eval_every, c.run.checkpoint_every = 50, 10, 25, 25
+    c.tpu.topology = ""
+    return c
+
+
 _SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "optim": OptimConfig,
