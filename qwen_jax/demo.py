@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 EXPERIMENT = Path(__file__).resolve().parent.parent / "experiments" / "pretrain" / "tiny.py"
-VOCAB_SIZE = 4096
+VOCAB_SIZE = 2048
 
 
 def _load_experiment(path: Path):
@@ -91,8 +91,10 @@ def main(argv: list[str]) -> int:
     print(f"[demo] unigram entropy of the training stream: {entropy:.3f} nats/token")
 
     result = train(config, wd / "run")
-    losses = [r for r in result.history if "loss" in r]
-    evals = [r for r in result.history if "eval_loss" in r]
+    # The run's full log (metrics.jsonl), so a resumed demo still reports the whole curve.
+    rows = [json.loads(line) for line in (wd / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_loss" in r]
     export = wd / "export"
     if export.exists():
         shutil.rmtree(export)  # the demo owns its directory; the export follows the run

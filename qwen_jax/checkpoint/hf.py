@@ -365,7 +365,7 @@ def save_hf(
                 yield hf_name, np.concatenate([a for _, a in parts], axis=0)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent.absolute()))
     try:
         # At most one size-capped shard is held in host memory at a time.
         parts: list[list[str]] = []

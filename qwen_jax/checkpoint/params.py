@@ -60,7 +60,7 @@ def save_params(
     if out.exists():
         raise FileExistsError(f"output directory {out} already exists; refusing to overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent.absolute()))
     try:
         state = nnx.state(model, nnx.Param).to_pure_dict()
         with ocp.StandardCheckpointer() as ckptr:
