@@ -16,10 +16,13 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "data": ("qwen_jax.data.cli", "main", "build demo corpus, dedup, list/inspect tasks"),
     "convert": ("qwen_jax.checkpoint.convert", "main", "HF safetensors <-> Orbax params"),
     "eval": ("qwen_jax.evals.cli", "main", "benchmarks (run, fetch-data) and their sandbox"),
+    "demo": ("qwen_jax.demo", "main", "the main job: data, vocab, train, export, sample"),
     "train": ("qwen_jax.train.cli", "train_main", "train from an experiment file"),
     "export": ("qwen_jax.train.export", "main", "training checkpoint -> params/HF export"),
     "compile": ("qwen_jax.train.cli", "compile_main", "AOT-compile a train step for a TPU slice"),
     "bench": ("qwen_jax.benchmark", "main", "benchmarks on design.md's bench shape (JSON lines)"),
+    "generate": ("qwen_jax.infer.generate_cli", "main", "continue a prompt (KV-cache decoding)"),
+    "chat": ("qwen_jax.infer.chat", "main", "interactive ChatML conversation"),
 }
 
 

@@ -182,15 +182,14 @@ def test_cli_end_to_end_every_benchmark(full_data_dir, tmp_path, monkeypatch, ca
     assert "| mmlu-chat-0shot |" in capsys.readouterr().out
 
 
-def test_cli_dispatch_and_missing_engine(tmp_path, capsys):
+def test_cli_dispatch_and_not_a_checkpoint(tmp_path, capsys):
     assert cli.main(["eval"]) == 0
     assert "fetch-data" in capsys.readouterr().out
     assert cli.main(["eval", "nope"]) == 2
     args = ["eval", "run", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o")]
     assert cli.main(args) == 2
-    assert "inference engine" in capsys.readouterr().err
-    with pytest.raises(NotImplementedError, match="inference engine"):
-        model_api.load_eval_model(tmp_path)
+    assert "config.json not found" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_chat_prompt_is_chatml():

