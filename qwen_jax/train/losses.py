@@ -19,8 +19,9 @@ def chunked_cross_entropy(
 
     For each position: logits = h @ w (fp32 accumulation), lse = logsumexp(logits),
       ce = lse - logits[target],  z = z_loss * lse^2  (PaLM's z-loss keeps lse near 0).
-    The sequence is processed `chunk` positions at a time under `jax.checkpoint`, so the forward
-    and the backward each hold one [B, chunk, V] block of logits at a time.
+    The sequence is processed `chunk` positions at a time under `jax.checkpoint` (when there is
+    more than one chunk), so the forward and the backward each hold one [B, chunk, V] block of
+    logits at a time.
 
     Returns (sum_t w_t * ce_t, sum_t w_t * z_t, sum_t w_t): sums, so callers can normalise over
     gradient-accumulation microbatches exactly.
@@ -38,15 +39,18 @@ def chunked_cross_entropy(
     ts = targets_bt.reshape(b, n, chunk).swapaxes(0, 1)
     ws = weights_bt.astype(jnp.float32).reshape(b, n, chunk).swapaxes(0, 1)
 
-    @jax.checkpoint
     def one(h_bcd, tgt_bc, wt_bc):
         logits = jnp.einsum("bcd,dv->bcv", h_bcd, w_dv, preferred_element_type=jnp.float32)
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, tgt_bc[..., None], axis=-1)[..., 0]
         return jnp.sum(wt_bc * (lse - picked)), jnp.sum(wt_bc * z_loss * lse**2)
 
+    # With several chunks, recompute each block's logits in the backward instead of keeping all
+    # of them; a single chunk keeps its logits anyway, so remat would only add FLOPs.
+    block = jax.checkpoint(one) if n > 1 else one
+
     def body(carry, xs):
-        ce, z = one(*xs)
+        ce, z = block(*xs)
         return (carry[0] + ce, carry[1] + z), None
 
     zero = jnp.zeros((), jnp.float32)
