@@ -95,6 +95,18 @@ def wait_for_step(proc, workdir: Path, step: int, timeout: float = 240) -> None:
     raise AssertionError(f"no step {step} within {timeout} s")
 
 
+def wait_for_committed_checkpoint(proc, workdir: Path, timeout: float = 120) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*")):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early:\n{proc.stdout.read()}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"no committed checkpoint within {timeout} s")
+
+
 STEPS = 12
 
 
@@ -112,6 +124,9 @@ def test_sigkill_then_resume_is_bit_identical(demo_assets, uninterrupted, tmp_pa
     kill_at = random.Random(os.getpid()).randint(4, STEPS - 2)
     proc = spawn(cli_args(demo_assets, tmp_path, steps=STEPS, log_every=1, checkpoint_every=3))
     wait_for_step(proc, tmp_path, kill_at)
+    # Checkpoints are async: kill only once one is committed (Orbax renames "3.orbax-checkpoint-
+    # tmp" to "3"), or the resume would rightly start from scratch and test nothing.
+    wait_for_committed_checkpoint(proc, tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_rows = by_step(metric_rows(tmp_path))
