@@ -5,7 +5,7 @@ AdamW (0.9, 0.95, 1e-8), peak LR 3e-4, 2000 warmup steps, cosine to 10%, weight 
 clip 1.0, batch 4M tokens (2048 x 2048), bf16 compute with fp32 master weights.
 
 Hardware: TPU v5p-512 (256 chips, 95 GiB each), mesh fsdp=256; full remat.
-Expected: ~715k steps; at 40% MFU on v5p-512 (~117 PFLOP/s peak) about 52 days.
+Expected: ~715k steps; at 40% MFU on v5p-512 (~117 PFLOP/s peak) about 63 days.
 Metric: held-out loss; MMLU 5-shot 66.3, C-Eval 72.1, GSM8K 61.3 (Table 2).
 
 Commands:

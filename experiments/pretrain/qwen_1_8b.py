@@ -7,7 +7,7 @@ clip 1.0, batch 4M tokens (2048 x 2048), bf16 compute with fp32 master weights.
 Hardware: TPU v5e-64 (64 chips, 16 GiB each), mesh fsdp=64; full remat, and the 4M-token
 batch accumulated over 4 microbatches (8 sequences per chip each) to fit 16 GiB ("dots_no_batch"
 remat needs ~20 GiB here: `qwen-jax compile` says so).
-Expected: ~525k steps; at 45% MFU on v5e-64 (~12.6 PFLOP/s peak) about 40 days.
+Expected: ~525k steps; at 45% MFU on v5e-64 (~12.6 PFLOP/s peak) about 50 days.
 Metric: held-out loss; MMLU 5-shot 44.6, C-Eval 54.7, GSM8K 21.2 (Table 2).
 
 Commands:

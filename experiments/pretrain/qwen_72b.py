@@ -10,7 +10,7 @@ clip 1.0, batch 4M tokens (1024 x 4096), bf16 compute with fp32 master weights.
 Hardware: TPU v5p-1024 (512 chips, 95 GiB each), mesh fsdp=64 x tensor=8; full remat; the
 batch accumulated over 4 microbatches (without them the saved layer inputs need ~110 GiB).
 Expected: ~715k steps at 4M-token batches (1024 x 4096); at 40% MFU on v5p-1024
-(~235 PFLOP/s peak) about 130 days.
+(~235 PFLOP/s peak) about 160 days.
 Metric: held-out loss; MMLU 5-shot 77.4, C-Eval 83.3, GSM8K 78.9 (README).
 
 Commands:

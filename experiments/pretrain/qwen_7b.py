@@ -5,7 +5,7 @@ checkpoint), AdamW (0.9, 0.95, 1e-8), peak LR 3e-4 with 2000 warmup steps and co
 10%, weight decay 0.1, clip 1.0, batch 4M tokens (2048 x 2048), bf16 compute, fp32 master weights.
 
 Hardware: TPU v5p-256 (128 chips), mesh fsdp=128 (ZeRO-3); full remat of each block.
-Expected: ~580k steps for 2.4T tokens; at 40% MFU on v5p-256 (~23.5 PFLOP/s peak) about 50 days.
+Expected: ~580k steps for 2.4T tokens; at 40% MFU on v5p-256 (~58.8 PFLOP/s peak) about 54 days.
 Metric: training loss; held-out loss on the validation mixture; MMLU 5-shot 58.2 (Table 2).
 
 Commands:
