@@ -113,6 +113,22 @@ class SpecialSplitter:
         return pieces
 
 
+def splice_specials(pieces: list[list[str | int]], encoded: list[list[int]]) -> list[list[int]]:
+    """Rebuild each text's ids: its plain-text pieces take the next entries of `encoded` (the
+    batch-encoded plain pieces, in order); special-token ids stay where they were."""
+    out, k = [], 0
+    for ps in pieces:
+        ids: list[int] = []
+        for p in ps:
+            if isinstance(p, str):
+                ids += encoded[k]
+                k += 1
+            else:
+                ids.append(p)
+        out.append(ids)
+    return out
+
+
 def decode_bytes(tok: Tokenizer, ids: Iterable[int]) -> str:
     """Decode through `token_bytes` (invalid UTF-8 across a cut becomes U+FFFD, like Qwen)."""
     return b"".join(tok.token_bytes(int(i)) for i in ids).decode("utf-8", errors="replace")

@@ -25,6 +25,7 @@ from qwen_jax.tokenizer.base import (
     decode_bytes,
     nfc,
     resolve_allowed,
+    splice_specials,
 )
 from qwen_jax.tokenizer.qwen_tiktoken import QWEN_PATTERN
 
@@ -105,17 +106,7 @@ class HFBPETokenizer:
         allowed = resolve_allowed(allowed_special, self.special_ids)
         pieces = [self._splitter.split(nfc(t), allowed) for t in texts]
         plain = self._ordinary([p for ps in pieces for p in ps if isinstance(p, str)])
-        out, k = [], 0
-        for ps in pieces:
-            ids: list[int] = []
-            for p in ps:
-                if isinstance(p, str):
-                    ids += plain[k]
-                    k += 1
-                else:
-                    ids.append(p)
-            out.append(ids)
-        return out
+        return splice_specials(pieces, plain)
 
     def decode(self, ids: Iterable[int]) -> str:
         return decode_bytes(self, ids)

@@ -35,6 +35,7 @@ from qwen_jax.tokenizer.base import (
     decode_bytes,
     nfc,
     resolve_allowed,
+    splice_specials,
 )
 
 _Type = sentencepiece_model_pb2.ModelProto.SentencePiece.Type
@@ -96,17 +97,7 @@ class SentencePieceTokenizer:
         pieces = [self._ordinary_texts(nfc(t), allowed) for t in texts]
         plain = [p for ps in pieces for p in ps if isinstance(p, str)]
         encoded = self._sp.encode(plain, num_threads=4) if plain else []
-        out, k = [], 0
-        for ps in pieces:
-            ids: list[int] = []
-            for p in ps:
-                if isinstance(p, str):
-                    ids += encoded[k]
-                    k += 1
-                else:
-                    ids.append(p)
-            out.append(ids)
-        return out
+        return splice_specials(pieces, encoded)
 
     def decode(self, ids: Iterable[int]) -> str:
         return decode_bytes(self, ids)
