@@ -258,6 +258,9 @@ def _gpu_kernel(
     n_blocks = jnp.where(hi > lo, pl.cdiv(hi, block_s) - first, 0)
     q = q_ref[...]
     gp = q.shape[0]
+    # Triton's default for fp32 dots is TF32 (~1e-3 relative): ask for IEEE fp32 instead, so
+    # the fp32 tolerance measures fp32 (the first H200 run failed at 5e-4 without this).
+    prec = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
     def body(i, carry):
         acc, m_prev, l_prev = carry
@@ -268,13 +271,19 @@ def _gpu_kernel(
         # Masked loads: slots outside [lo, hi) (and past the array end) are never read.
         k = pltriton.load(k_ref.at[pl.ds(start, block_s), :], mask=load_mask, other=0.0)
         v = pltriton.load(v_ref.at[pl.ds(start, block_s), :], mask=load_mask, other=0.0)
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        s = lax.dot_general(
+            q, k, (((1,), (1,)), ((), ())), precision=prec, preferred_element_type=jnp.float32
+        )
         s = jnp.where(valid[None, :], s * (head_dim**-0.5), _MASK_VALUE)
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
         p = jnp.where(valid[None, :], jnp.exp(s - m_new[:, None]), 0.0)
         alpha = jnp.exp(m_prev - m_new)
         pv = lax.dot_general(
-            p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+            p.astype(v.dtype),
+            v,
+            (((1,), (0,)), ((), ())),
+            precision=prec,
+            preferred_element_type=jnp.float32,
         )
         return alpha[:, None] * acc + pv, m_new, alpha * l_prev + jnp.sum(p, axis=1)
 
