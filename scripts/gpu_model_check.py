@@ -141,12 +141,20 @@ def main(argv=None) -> int:
                 by_impl[impl] = row["step_ms"]
             except Exception as e:  # noqa: BLE001 - recorded, fails the run
                 traceback.print_exc()
-                row = {"impl": impl, "batch": batch, "seq": seq, "error": f"{type(e).__name__}: {e}"}
+                row = {
+                    "impl": impl,
+                    "batch": batch,
+                    "seq": seq,
+                    "error": f"{type(e).__name__}: {e}",
+                }
                 ok = False
             print(json.dumps(row), flush=True)
             result["rows"].append(row)
         if len(by_impl) == 2:
-            speedup = {"seq": seq, "pallas_speedup_over_xla": round(by_impl["xla"] / by_impl["pallas"], 3)}
+            speedup = {
+                "seq": seq,
+                "pallas_speedup_over_xla": round(by_impl["xla"] / by_impl["pallas"], 3),
+            }
             print(json.dumps(speedup), flush=True)
             result["rows"].append(speedup)
     result["ok"] = ok
