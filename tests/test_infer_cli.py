@@ -158,11 +158,9 @@ def _direct_ppl(model, tokens, length, ntk):
 
 def test_perplexity_equals_direct_computation(monkeypatch, loaded):
     engine, tok = loaded
-    from flax import nnx
-
     from qwen_jax.infer.longctx import with_long_context
 
-    model = nnx.merge(engine.graphdef, engine.state)
+    model = engine.model()
     tokens = np.asarray(tok.encode(TEXT), np.int64)[:256]
     monkeypatch.setattr(ppl, "MAX_CHUNK", 16)  # 64-token windows in 4 cached chunks
     for ntk in (False, True):

@@ -167,3 +167,20 @@ def test_sharded_engine_matches_unsharded(greedy):
         np.testing.assert_allclose(r.logprobs, g.logprobs, atol=ATOL, rtol=0)
     logits, cache, *_ = eng.prefill(PROMPTS + [[1]] * 5)
     assert cache["k"].sharding.spec[1:4] == ("fsdp", None, "tensor")
+
+
+def test_engine_holds_per_layer_weights_and_rebuilds_the_model_exactly(model, engine):
+    """The engine keeps L separate layer arrays (no stacked copy) and `model()` restacks them."""
+    from flax import nnx
+
+    stacked = nnx.to_pure_dict(nnx.state(model))["blocks"]
+    held = nnx.to_pure_dict(engine.state)["blocks"]
+    assert all(v.size == 0 for v in held.values())  # placeholders only
+    assert len(engine.layers) == CFG.num_layers
+    for i, layer in enumerate(engine.layers):
+        assert set(layer) == set(stacked)
+        for name, w in layer.items():
+            np.testing.assert_array_equal(w, stacked[name][i])
+    rebuilt = jax.tree.leaves(nnx.state(engine.model()))
+    for got, want in zip(rebuilt, jax.tree.leaves(nnx.state(model)), strict=True):
+        np.testing.assert_array_equal(got, want)

@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch < 1:
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
     engine, tok = load_from_args(args)
-    model = nnx.merge(engine.graphdef, engine.state)
+    model = engine.model()
     try:
         tokens = load_tokens(args.data, tok)
     except (ValueError, KeyError) as e:  # no tokenizer for text, a .jsonl line without "text"

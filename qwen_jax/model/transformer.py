@@ -13,6 +13,7 @@ identical, GQA and tensor-parallel head sharding stay uniform, and checkpoint I/
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -132,6 +133,7 @@ class Qwen(nnx.Module):
         rope_alpha_b: jax.Array | None = None,
         logn: bool = False,
         return_hidden: bool = False,
+        layers: Sequence[dict[str, jax.Array]] | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         """Run the decoder.
 
@@ -145,6 +147,11 @@ class Qwen(nnx.Module):
           rope_alpha_b: [B] dynamic-NTK alpha per row (spec §2.1), None = plain RoPE.
           logn: scale queries by LogN (spec §2.2) beyond cfg.seq_length (inference only).
           return_hidden: return the final-norm hidden states [B, T, D] instead of logits.
+          layers: per-layer parameters (L dicts of `Blocks.stacked()`'s names without the
+            layer axis) used instead of `self.blocks`, in an unrolled loop instead of the
+            layer scan. The inference engine passes them (`unstack_layers`): XLA:CPU copies
+            each scanned layer's weight slice before its matmuls, which at decode's batch
+            sizes costs more than the matmuls themselves (see the engine's docstring).
 
         Returns:
           (logits [B, T, V] fp32 or hidden [B, T, D], updated cache or None)
@@ -217,8 +224,16 @@ class Qwen(nnx.Module):
             return (x_btd, k_cache, v_cache), None
 
         kv = (None, None) if cache is None else (cache["k"], cache["v"])
-        xs = (self.blocks.stacked(), windows_l, jnp.arange(cfg.num_layers))
-        (x, k_new, v_new), _ = jax.lax.scan(_remat(layer, cfg.remat_policy), (x, *kv), xs)
+        if layers is None:
+            xs = (self.blocks.stacked(), windows_l, jnp.arange(cfg.num_layers))
+            (x, k_new, v_new), _ = jax.lax.scan(_remat(layer, cfg.remat_policy), (x, *kv), xs)
+        else:
+            if len(layers) != cfg.num_layers:
+                raise ValueError(f"got {len(layers)} per-layer params for {cfg.num_layers} layers")
+            carry = (x, *kv)
+            for i, p in enumerate(layers):
+                carry, _ = layer(carry, (p, windows_l[i], i))
+            x, k_new, v_new = carry
 
         h = rms_norm(x, self.ln_f[...], cfg.rms_eps)
         new_cache = None
@@ -237,6 +252,33 @@ class Qwen(nnx.Module):
         w = self.head_weight().astype(h_btd.dtype)
         out = jnp.einsum("btd,dv->btv", h_btd, w, preferred_element_type=jnp.float32)
         return shard(out, "batch", "act_seq", "act_vocab")
+
+
+def unstack_layers(state: nnx.State) -> tuple[nnx.State, list[dict[str, jax.Array]]]:
+    """Split a Qwen state's stacked block parameters into per-layer arrays.
+
+    Returns (state with each stacked block parameter replaced by an empty placeholder, L dicts
+    of separate per-layer arrays with the layer axis dropped) for `Qwen.__call__(layers=...)`.
+    The per-layer arrays keep the stacked arrays' sharding; the placeholders hold no memory
+    (the stacked arrays are released when nothing else references them).
+    """
+    pure = nnx.to_pure_dict(state)
+    stacked = pure["blocks"]
+    n = next(iter(stacked.values())).shape[0]
+    layers = jax.jit(lambda st: [{k: v[i] for k, v in st.items()} for i in range(n)])(stacked)
+    pure["blocks"] = {k: jnp.zeros((0,), v.dtype) for k, v in stacked.items()}
+    state = jax.tree.map(lambda x: x, state)  # a copy: the caller's state stays intact
+    nnx.replace_by_pure_dict(state, pure)
+    return state, layers
+
+
+def restack_layers(state: nnx.State, layers: Sequence[dict[str, jax.Array]]) -> nnx.State:
+    """Inverse of `unstack_layers` (a copy of the layer weights): a state `nnx.merge` can use."""
+    pure = nnx.to_pure_dict(state)
+    pure["blocks"] = jax.jit(lambda ls: {k: jnp.stack([p[k] for p in ls]) for k in ls[0]})(layers)
+    state = jax.tree.map(lambda x: x, state)
+    nnx.replace_by_pure_dict(state, pure)
+    return state
 
 
 def init_cache(
