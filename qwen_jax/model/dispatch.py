@@ -1,17 +1,21 @@
-"""The one place that picks a Pallas attention kernel for the platform and shards it.
+"""The one place that picks Pallas kernels for the platform and shards them.
 
-`pallas_attention` is what `qwen_jax.model.attention.attention(impl="pallas")` calls. It runs
-the TPU kernel on TPU, the GPU (Triton) kernel on GPU, and the TPU kernel in interpret mode on
-CPU (slow; for tests: CPU configs default to impl="xla"). The platform is the active mesh's
-(`block_sizes.current_chip`), so compiling for a TPU topology from a CPU host picks the TPU
-kernel. Kernels are single-device programs, so under an active mesh the call is wrapped in
-`jax.shard_map` over the batch and head axes named by the logical rules in qwen_jax.sharding
-(the sequence axis stays whole: causal attention over a sharded sequence would need
-ring/context parallelism, which this project does not use).
+Two dispatches, each called by the model when its config asks for "pallas":
+  * `pallas_attention`: flash attention for training / prefill without a KV cache
+    (`attention_impl="pallas"`, through `qwen_jax.model.attention.attention`).
+  * `decode_attention`: one new token per row against the KV cache (`attention_impl="pallas"`
+    with a cache and T == 1: generation and PPO rollouts).
+On TPU they run the TPU (Mosaic) kernels, on GPU the Triton kernels, and on CPU the TPU kernels
+in interpret mode (slow; for tests: CPU configs default to "xla"). The platform is the active
+mesh's (`block_sizes.current_chip`), so compiling for a TPU topology from a CPU host picks the TPU
+kernel. Kernels are single-device programs, so under an active multi-device mesh each call is
+wrapped in `jax.shard_map` over the axes named by the logical rules in qwen_jax.sharding.
 
-Only the training/prefill layout is served: T == S and q_slot == arange(T), which the model
-guarantees whenever it has no KV cache (with a cache it always takes the XLA path). The kernels
-derive positions from tile indices, so `q_slot_bt` is accepted for signature parity and unused.
+Attention (flash and decode) shards over batch and heads; the sequence axis stays whole (causal
+attention over a sharded sequence would need ring/context parallelism, which this project does
+not use). The flash kernel serves T == S with q_slot == arange(T), which the model guarantees
+whenever it has no KV cache; the kernels derive positions from tile indices, so `q_slot_bt` is
+accepted for signature parity and unused. Prefilling T > 1 tokens into a cache stays on XLA.
 """
 
 from __future__ import annotations
@@ -26,8 +30,24 @@ from qwen_jax.kernels.block_sizes import current_chip
 from qwen_jax.sharding import current_mesh, logical_spec
 
 
+def _backend() -> tuple[str, bool]:
+    """(kernel backend, interpret) for the platform being compiled for."""
+    chip = current_chip()
+    if chip == "gpu":
+        return "gpu", False
+    return "tpu", chip == "cpu"
+
+
+def _multi_device_mesh():
+    mesh = current_mesh()
+    return None if mesh is None or mesh.size == 1 else mesh
+
+
+# ------------------------------------------------------------------ flash (training/prefill)
+
+
 def _kernel_for_platform():
-    """The kernel for the platform being compiled for.
+    """The flash kernel for the platform being compiled for.
 
     That is the active mesh's device kind when there is one (so an ahead-of-time compile for a
     TPU topology from a CPU host gets the TPU kernel), else `jax.default_backend()`.
@@ -68,7 +88,8 @@ def pallas_attention(
     if t != s:
         raise ValueError(
             f"attention_impl='pallas' serves training/prefill without a KV cache (T == S); got "
-            f"T={t}, S={s}. Decoding against a cache must use impl='xla' (the model does so)."
+            f"T={t}, S={s}. Decoding against a cache goes through dispatch.decode_attention "
+            "(T == 1); prefill into a cache uses impl='xla' (the model does both)."
         )
     kernel = _kernel_for_platform()
     window = jnp.asarray(window, jnp.int32)
@@ -76,8 +97,8 @@ def pallas_attention(
     def run(q, k, v, q_seg, kv_seg, w):
         return kernel(q, k, v, q_seg, window=w, kv_segment_ids_bt=kv_seg)
 
-    mesh = current_mesh()
-    if mesh is None or mesh.size == 1:
+    mesh = _multi_device_mesh()
+    if mesh is None:
         return run(q_btnh, k_bskh, v_bskh, q_segment_bt, kv_segment_bs, window)
 
     q_spec = logical_spec("batch", None, "act_heads", None, shape=q_btnh.shape, mesh=mesh)
@@ -98,3 +119,71 @@ def pallas_attention(
         check_vma=False,
     )
     return sharded(q_btnh, k_bskh, v_bskh, q_segment_bt, kv_segment_bs, window)
+
+
+# ------------------------------------------------------------------------------------ decode
+
+
+def cache_starts(kv_segment_bs: jax.Array) -> jax.Array:
+    """First valid slot of each row of a left-padded cache: the count of leading zero segment
+    ids. [B, S] int -> [B] int32 (S for a row with no valid slot)."""
+    return jnp.sum(jnp.cumsum(kv_segment_bs != 0, axis=1) == 0, axis=1, dtype=jnp.int32)
+
+
+def decode_attention(
+    q_btnh: jax.Array,
+    k_bskh: jax.Array,
+    v_bskh: jax.Array,
+    *,
+    q_slot: jax.Array,
+    starts_b: jax.Array,
+    window: jax.Array | int = 0,
+) -> jax.Array:
+    """One new token per row against a left-padded KV cache; returns [B,1,N,H] in q's dtype.
+
+    q [B,1,N,H]; k/v [B,S,K,H] the cache with the new token already written at slot q_slot
+    (an int32 scalar: the cache index, shared by all rows); starts_b [B] the first valid slot of
+    each row (`cache_starts`). Row b attends to slots [max(start_b, q_slot + 1 - window),
+    q_slot], which is the model's mask (`attention.attention_mask`) for the engine's cache
+    layout: left padding (segment 0), then one contiguous run of the query's segment up to
+    q_slot. A cache with interior padding or several packed segments is not this layout and
+    must use impl="xla".
+    """
+    b, t, n, h = q_btnh.shape
+    if t != 1:
+        raise ValueError(f"decode_attention takes one new token per row (T == 1), got T={t}")
+    from qwen_jax.kernels import decode_attention as da
+
+    backend, interpret = _backend()
+    lengths_b = jnp.broadcast_to(jnp.asarray(q_slot, jnp.int32) + 1, (b,))
+    window = jnp.asarray(window, jnp.int32)
+
+    def run(q, k, v, lengths, starts, w):
+        return da.decode_attention(
+            q, k, v, lengths, window=w, starts_b=starts, backend=backend, interpret=interpret
+        )
+
+    q_bnh = q_btnh[:, 0]
+    mesh = _multi_device_mesh()
+    if mesh is None:
+        o_bnh = run(q_bnh, k_bskh, v_bskh, lengths_b, starts_b.astype(jnp.int32), window)
+        return o_bnh[:, None]
+
+    q_spec = logical_spec("batch", "act_heads", None, shape=q_bnh.shape, mesh=mesh)
+    kv_spec = logical_spec("batch", None, "act_kv_heads", None, shape=k_bskh.shape, mesh=mesh)
+    if q_spec[1] != kv_spec[2]:
+        # kv heads do not split like the query heads (e.g. 1 kv head on a 2-way tensor axis).
+        # Copying the cache per query head (what pallas_attention does) would multiply the bytes
+        # a decode step reads; instead the query heads follow the kv heads, so each tensor shard
+        # computes every head of its rows (one query token: the repeated work is small).
+        q_spec = P(q_spec[0], kv_spec[2], None)
+    row_spec = P(q_spec[0])
+    sharded = jax.shard_map(
+        run,
+        mesh=mesh,
+        in_specs=(q_spec, kv_spec, kv_spec, row_spec, row_spec, P()),
+        out_specs=q_spec,
+        check_vma=False,  # opaque kernels: nothing for the vma check to verify
+    )
+    o_bnh = sharded(q_bnh, k_bskh, v_bskh, lengths_b, starts_b.astype(jnp.int32), window)
+    return o_bnh[:, None]

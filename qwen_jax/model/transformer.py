@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from qwen_jax.model import rope
+from qwen_jax.model import dispatch, rope
 from qwen_jax.model.attention import attention
 from qwen_jax.model.config import QwenConfig
 from qwen_jax.model.layers import rms_norm, swiglu
@@ -170,6 +170,15 @@ class Qwen(nnx.Module):
         q_scale_bt = rope.logn_scale(positions_bt, cfg.seq_length) if logn else None
         windows_l = jnp.asarray(cfg.attn_windows or (0,) * cfg.num_layers, jnp.int32)
 
+        # Attention path. Without a cache (training, scoring) T == S and q_slot == arange(T):
+        # the flash kernel's layout. Decoding one token against the cache takes the decode
+        # kernel. Prefilling T > 1 tokens into a cache stays on XLA: the queries sit at an offset
+        # into a longer, left-padded cache, a layout neither kernel serves (and prefill is one
+        # call per prompt, decode the per-token loop).
+        decode_kernel = cache is not None and t == 1 and cfg.attention_impl == "pallas"
+        attn_impl = cfg.attention_impl if cache is None else "xla"
+        starts_b = dispatch.cache_starts(kv_segment_bs) if decode_kernel else None
+
         dt = cfg.compute_dtype
         x = jnp.take(self.wte[...], tokens_bt, axis=0).astype(dt)
         x = shard(x, "batch", "act_seq", "act_embed")
@@ -199,16 +208,21 @@ class Qwen(nnx.Module):
                 k_att, v_att = k_cache[layer_idx].astype(dt), v_cache[layer_idx].astype(dt)
             else:
                 k_att, v_att = k, v
-            o = attention(
-                q,
-                k_att,
-                v_att,
-                q_slot_bt=q_slot_bt,
-                q_segment_bt=segment_ids_bt,
-                kv_segment_bs=kv_segment_bs,
-                window=window,
-                impl=cfg.attention_impl if cache is None else "xla",
-            )
+            if decode_kernel:
+                o = dispatch.decode_attention(
+                    q, k_att, v_att, q_slot=start, starts_b=starts_b, window=window
+                )
+            else:
+                o = attention(
+                    q,
+                    k_att,
+                    v_att,
+                    q_slot_bt=q_slot_bt,
+                    q_segment_bt=segment_ids_bt,
+                    kv_segment_bs=kv_segment_bs,
+                    window=window,
+                    impl=attn_impl,
+                )
             o = checkpoint_name(o, "attn_out")
             x_btd = x_btd + jnp.einsum("btnh,nhd->btd", o, p["wo"])
             h = rms_norm(x_btd, p["ln_2"], cfg.rms_eps)
