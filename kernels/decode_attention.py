@@ -50,6 +50,12 @@ GPU_SMEM_BUDGET_BYTES = 227 * 1024
 # What `interpret=True` means for the TPU bodies: the TPU simulator, with every freshly allocated
 # buffer (outputs included) filled with NaN so an output block the kernel never writes fails.
 TPU_INTERPRET = pltpu.InterpretParams(uninitialized_memory="nan")
+# Any other truthy `interpret` (this value, for one) runs the TPU bodies in pallas_call's HLO
+# interpreter: a jitted loop over the grid without the simulator's checks, but also without its
+# side effects, so it works under `jax.checkpoint` and with different kernels in flight on
+# several (fake) devices at once, where the simulator, whose devices meet at one global barrier
+# per kernel, deadlocks. qwen_jax.model.dispatch uses it for the model's matmuls on CPU.
+HLO_INTERPRET = "hlo"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,10 +1,11 @@
 """The one place that picks Pallas kernels for the platform and shards them.
 
-Two dispatches, each called by the model when its config asks for "pallas":
+Three dispatches, each called by the model when its config asks for "pallas":
   * `pallas_attention`: flash attention for training / prefill without a KV cache
     (`attention_impl="pallas"`, through `qwen_jax.model.attention.attention`).
   * `decode_attention`: one new token per row against the KV cache (`attention_impl="pallas"`
     with a cache and T == 1: generation and PPO rollouts).
+  * `matmul`: the dense projections (q/k/v/o, MLP, LM head) when `matmul_impl="pallas"`.
 On TPU they run the TPU (Mosaic) kernels, on GPU the Triton kernels, and on CPU the TPU kernels
 in interpret mode (slow; for tests: CPU configs default to "xla"). The platform is the active
 mesh's (`block_sizes.current_chip`), so compiling for a TPU topology from a CPU host picks the TPU
@@ -16,11 +17,22 @@ attention over a sharded sequence would need ring/context parallelism, which thi
 not use). The flash kernel serves T == S with q_slot == arange(T), which the model guarantees
 whenever it has no KV cache; the kernels derive positions from tile indices, so `q_slot_bt` is
 accepted for signature parity and unused. Prefilling T > 1 tokens into a cache stays on XLA.
+
+Matmul: x's leading axis is the batch and is split over the mesh; the weight must be replicated.
+A weight that the rules table shards (FSDP's "embed", tensor parallelism's heads / mlp / vocab)
+is refused with a ValueError naming matmul_impl rather than gathered on every call, which would
+silently undo the sharding. So matmul_impl="pallas" runs single-device or data-parallel (the "dp"
+mesh preset); with FSDP or tensor parallelism use "xla". The weight's logical axes are read from
+the einsum's letters (the legend of qwen_jax.model.config: d embed, n heads, k kv heads,
+h head dim, f mlp, v vocab). On CPU the matmul runs in the HLO interpreter rather than the TPU
+simulator (reasons at `matmul`). "xla" stays the default everywhere: on the H200 the tiled kernel
+reached 0.85 of XLA's (cuBLAS) bf16 matmul (WORKSPACE.md), and no TPU has timed it.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +40,16 @@ from jax.sharding import PartitionSpec as P
 
 from qwen_jax.kernels.block_sizes import current_chip
 from qwen_jax.sharding import current_mesh, logical_spec
+
+# Einsum letter of a weight axis -> its logical parameter axis (qwen_jax.sharding.RULES).
+_WEIGHT_AXES = {
+    "d": "embed",
+    "n": "heads",
+    "k": "kv_heads",
+    "h": "head_dim",
+    "f": "mlp",
+    "v": "vocab",
+}
 
 
 def _backend() -> tuple[str, bool]:
@@ -187,3 +209,92 @@ def decode_attention(
     )
     o_bnh = sharded(q_bnh, k_bskh, v_bskh, lengths_b, starts_b.astype(jnp.int32), window)
     return o_bnh[:, None]
+
+
+# ------------------------------------------------------------------------------------ matmul
+
+
+@functools.cache
+def _parse(spec: str) -> tuple[int, str]:
+    """(number of contracted axes, weight letters) of '<batch><c>,<c><out>-><batch><out>'."""
+    lhs, _, out = spec.replace(" ", "").partition("->")
+    xs, _, ws = lhs.partition(",")
+    nc = sum(1 for c in xs if c in ws and c not in out)
+    if not 0 < nc <= len(ws) or xs[-nc:] != ws[:nc] or out != xs[:-nc] + ws[nc:]:
+        raise ValueError(
+            f"matmul spec {spec!r} must read '<batch><contracted>,<contracted><out>->"
+            "<batch><out>' (x's trailing axes contract with the weight's leading axes)"
+        )
+    return nc, ws
+
+
+def matmul(
+    spec: str,
+    x: jax.Array,
+    w: jax.Array,
+    *,
+    impl: str = "xla",
+    out_dtype=None,
+) -> jax.Array:
+    """A dense projection written as an einsum, e.g. "btd,dnh->btnh" (x [B,T,D], w [D,N,H]).
+
+    x's trailing axes contract with w's leading ones; x's leading axis is the batch. "xla" is
+    `jnp.einsum(spec, x, w, preferred_element_type=out_dtype)`; "pallas" flattens to
+    [..., K] @ [K, N] and runs qwen_jax.kernels.matmul (fp32 accumulation; out_dtype defaults
+    to x's dtype), differentiable through the kernel's custom VJP.
+    """
+    if impl == "xla":
+        return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
+    if impl != "pallas":
+        raise ValueError(f"unknown matmul impl {impl!r}; expected 'xla' or 'pallas'")
+    nc, w_letters = _parse(spec)
+    from qwen_jax.kernels import matmul as mm
+
+    backend, interpret = _backend()
+    # CPU: the generic interpreter, not the TPU simulator (kernels.decode_attention's
+    # HLO_INTERPRET comment): a layer has several independent matmuls that the simulator's
+    # per-kernel global barrier deadlocks on under a mesh, and remat'd training needs a kernel
+    # without side effects.
+    interpret = mm.HLO_INTERPRET if interpret else False
+
+    def run(x, w):
+        lead, k = x.shape[:-nc], math.prod(w.shape[:nc])
+        y = mm.matmul(
+            x.reshape(*lead, k),
+            w.reshape(k, -1),
+            out_dtype=out_dtype,
+            backend=backend,
+            interpret=interpret,
+        )
+        return y.reshape(*lead, *w.shape[nc:])
+
+    mesh = _multi_device_mesh()
+    if mesh is None:
+        return run(x, w)
+    w_axes = tuple(_WEIGHT_AXES.get(c) for c in w_letters)
+    if None in w_axes:
+        raise ValueError(
+            f"matmul_impl='pallas' under a mesh needs the weight's logical axes, read from the "
+            f"letters of {spec!r}; known letters are {sorted(_WEIGHT_AXES)}"
+        )
+    w_spec = logical_spec(*w_axes, shape=w.shape, mesh=mesh)
+    if any(a is not None for a in w_spec):
+        raise ValueError(
+            f"matmul_impl='pallas' runs a single-device kernel, but the weight of {spec!r} "
+            f"(shape {w.shape}, logical axes {w_axes}) is sharded on this mesh "
+            f"({dict(mesh.shape)}) as {w_spec}; gathering it on every call would undo the "
+            "sharding. Use matmul_impl='xla' with FSDP or tensor parallelism, or a mesh that "
+            "replicates the weights (the 'dp' preset)."
+        )
+    x_spec = logical_spec("batch", *[None] * (x.ndim - 1), shape=x.shape, mesh=mesh)
+    out_spec = P(x_spec[0], *[None] * (x.ndim - nc + w.ndim - nc - 1))
+    sharded = jax.shard_map(
+        run,
+        mesh=mesh,
+        in_specs=(x_spec, P()),
+        out_specs=out_spec,
+        # Opaque kernels. The replicated weight's cotangent is summed over the mesh by
+        # shard_map's transpose (checked against XLA in tests/test_dispatch_matmul.py).
+        check_vma=False,
+    )
+    return sharded(x, w)

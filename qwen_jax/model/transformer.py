@@ -12,6 +12,7 @@ identical, GQA and tensor-parallel head sharding stay uniform, and checkpoint I/
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -178,6 +179,7 @@ class Qwen(nnx.Module):
         decode_kernel = cache is not None and t == 1 and cfg.attention_impl == "pallas"
         attn_impl = cfg.attention_impl if cache is None else "xla"
         starts_b = dispatch.cache_starts(kv_segment_bs) if decode_kernel else None
+        mm = functools.partial(dispatch.matmul, impl=cfg.matmul_impl)
 
         dt = cfg.compute_dtype
         x = jnp.take(self.wte[...], tokens_bt, axis=0).astype(dt)
@@ -190,9 +192,9 @@ class Qwen(nnx.Module):
             p, window, layer_idx = xs
             p = {k: v.astype(dt) for k, v in p.items()}
             h = rms_norm(x_btd, p["ln_1"], cfg.rms_eps)
-            q = jnp.einsum("btd,dnh->btnh", h, p["wq"])
-            k = jnp.einsum("btd,dkh->btkh", h, p["wk"])
-            v = jnp.einsum("btd,dkh->btkh", h, p["wv"])
+            q = mm("btd,dnh->btnh", h, p["wq"])
+            k = mm("btd,dkh->btkh", h, p["wk"])
+            v = mm("btd,dkh->btkh", h, p["wv"])
             if cfg.qkv_bias:
                 q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
             q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
@@ -224,9 +226,9 @@ class Qwen(nnx.Module):
                     impl=attn_impl,
                 )
             o = checkpoint_name(o, "attn_out")
-            x_btd = x_btd + jnp.einsum("btnh,nhd->btd", o, p["wo"])
+            x_btd = x_btd + mm("btnh,nhd->btd", o, p["wo"])
             h = rms_norm(x_btd, p["ln_2"], cfg.rms_eps)
-            x_btd = x_btd + swiglu(h, p["w1"], p["w2"], p["c_proj"])
+            x_btd = x_btd + swiglu(h, p["w1"], p["w2"], p["c_proj"], impl=cfg.matmul_impl)
             x_btd = shard(x_btd, "batch", "act_seq", "act_embed")
             return (x_btd, k_cache, v_cache), None
 
@@ -249,7 +251,9 @@ class Qwen(nnx.Module):
     def logits(self, h_btd: jax.Array) -> jax.Array:
         """[B, T, D] -> fp32 logits [B, T, V] (compute-dtype inputs, fp32 accumulation)."""
         w = self.head_weight().astype(h_btd.dtype)
-        out = jnp.einsum("btd,dv->btv", h_btd, w, preferred_element_type=jnp.float32)
+        out = dispatch.matmul(
+            "btd,dv->btv", h_btd, w, impl=self.cfg.matmul_impl, out_dtype=jnp.float32
+        )
         return shard(out, "batch", "act_seq", "act_vocab")
 
 
