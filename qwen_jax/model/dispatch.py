@@ -235,6 +235,7 @@ def matmul(
     *,
     impl: str = "xla",
     out_dtype=None,
+    scale: jax.Array | None = None,
 ) -> jax.Array:
     """A dense projection written as an einsum, e.g. "btd,dnh->btnh" (x [B,T,D], w [D,N,H]).
 
@@ -242,9 +243,19 @@ def matmul(
     `jnp.einsum(spec, x, w, preferred_element_type=out_dtype)`; "pallas" flattens to
     [..., K] @ [K, N] and runs qwen_jax.kernels.matmul (fp32 accumulation; out_dtype defaults
     to x's dtype), differentiable through the kernel's custom VJP.
+
+    Weight-only int8 (qwen_jax.model.quantize): w int8 and `scale` fp32 with w's output shape
+    (e.g. [N, H]); y = (x @ w) * scale with fp32 accumulation. "pallas" runs the kernel's
+    int8_matmul, which reads the int8 weight and converts it tile by tile; "xla" converts the
+    whole weight to x's dtype first (exact: |w| <= 127).
     """
+    if (scale is not None) != (w.dtype == jnp.int8):
+        raise ValueError(f"int8 weights need a scale and only they take one; got {w.dtype}")
     if impl == "xla":
-        return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
+        if scale is None:
+            return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
+        y = jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+        return (y * scale.astype(jnp.float32)).astype(out_dtype or x.dtype)
     if impl != "pallas":
         raise ValueError(f"unknown matmul impl {impl!r}; expected 'xla' or 'pallas'")
     nc, w_letters = _parse(spec)
@@ -257,20 +268,20 @@ def matmul(
     # without side effects.
     interpret = mm.HLO_INTERPRET if interpret else False
 
-    def run(x, w):
+    def run(x, w, *scale):
         lead, k = x.shape[:-nc], math.prod(w.shape[:nc])
-        y = mm.matmul(
-            x.reshape(*lead, k),
-            w.reshape(k, -1),
-            out_dtype=out_dtype,
-            backend=backend,
-            interpret=interpret,
-        )
+        x2, w2 = x.reshape(*lead, k), w.reshape(k, -1)
+        kw = dict(out_dtype=out_dtype, backend=backend, interpret=interpret)
+        if scale:
+            y = mm.int8_matmul(x2, w2, scale[0].reshape(-1), **kw)
+        else:
+            y = mm.matmul(x2, w2, **kw)
         return y.reshape(*lead, *w.shape[nc:])
 
+    operands = (x, w) if scale is None else (x, w, scale)
     mesh = _multi_device_mesh()
     if mesh is None:
-        return run(x, w)
+        return run(*operands)
     w_axes = tuple(_WEIGHT_AXES.get(c) for c in w_letters)
     if None in w_axes:
         raise ValueError(
@@ -291,10 +302,10 @@ def matmul(
     sharded = jax.shard_map(
         run,
         mesh=mesh,
-        in_specs=(x_spec, P()),
+        in_specs=(x_spec, *[P()] * (len(operands) - 1)),
         out_specs=out_spec,
         # Opaque kernels. The replicated weight's cotangent is summed over the mesh by
-        # shard_map's transpose (checked against XLA in tests/test_dispatch_matmul.py).
+        # shard_map's transpose (checked against XLA in tests/test_matmul_dispatch.py).
         check_vma=False,
     )
-    return sharded(x, w)
+    return sharded(*operands)

@@ -22,11 +22,14 @@ def swiglu(
     c_proj_fd: jax.Array,
     *,
     impl: str = "xla",
+    scales: tuple[jax.Array | None, ...] = (None, None, None),
 ) -> jax.Array:
     """Qwen v1 MLP: c_proj(w1(x) * silu(w2(x))). w2 is the gate, w1 the linear "up" branch.
 
-    x [B,T,D], w1/w2 [D,F], c_proj [F,D] -> [B,T,D]; `impl` is the config's matmul_impl.
+    x [B,T,D], w1/w2 [D,F], c_proj [F,D] -> [B,T,D]; `impl` is the config's matmul_impl;
+    `scales` ([F], [F], [D]) go with int8 weights (qwen_jax.model.quantize).
     """
-    up_btf = matmul("btd,df->btf", x_btd, w1_df, impl=impl)
-    gate_btf = matmul("btd,df->btf", x_btd, w2_df, impl=impl)
-    return matmul("btf,fd->btd", up_btf * jax.nn.silu(gate_btf), c_proj_fd, impl=impl)
+    s1, s2, s3 = scales
+    up_btf = matmul("btd,df->btf", x_btd, w1_df, impl=impl, scale=s1)
+    gate_btf = matmul("btd,df->btf", x_btd, w2_df, impl=impl, scale=s2)
+    return matmul("btf,fd->btd", up_btf * jax.nn.silu(gate_btf), c_proj_fd, impl=impl, scale=s3)
