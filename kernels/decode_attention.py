@@ -2,14 +2,17 @@
 
     o[b, n] = softmax_s( q[b, n] . k[b, s, n // G] / sqrt(H) ) . v[b, s, n // G]
 
-over the visible slots  max(lengths[b] - window, 0) <= s < lengths[b]  (window == 0: unlimited).
+over the visible slots  lo[b] <= s < hi[b]  with
+    hi[b] = lengths[b],   lo[b] = max(starts[b], hi[b] - window)   (window == 0: lo[b] = starts[b])
 The new token has already been written at slot lengths[b] - 1, so this is the model's causal and
-window rule (`qwen_jax.model.attention.attention_mask`) with q_slot = lengths[b] - 1. A sequence
-with lengths[b] == 0 sees no key and its output is defined as zeros (lengths are clipped to
-[0, S]). Slots outside the visible range are never read into the result, so stale or NaN cache
-entries there cannot leak.
+window rule (`qwen_jax.model.attention.attention_mask`) with q_slot = lengths[b] - 1. `starts`
+(default 0) is the first valid slot of a left-padded cache: the slots before it are padding. A
+sequence whose range is empty (lengths[b] == 0, or starts[b] >= lengths[b]) sees no key and its
+output is defined as zeros (lengths and starts are clipped to [0, S]). Slots outside the visible
+range are never read into the result, so stale or NaN cache entries there cannot leak.
 
-Shapes: q [B, N, H], k/v [B, S, K, H] with N = K * G (GQA; MHA is G == 1), lengths [B] int32.
+Shapes: q [B, N, H], k/v [B, S, K, H] with N = K * G (GQA; MHA is G == 1), lengths and starts
+[B] int32.
 Softmax statistics and accumulation are fp32; the output has q's dtype.
 
 Two Pallas bodies, one per backend, behind the single wrapper `decode_attention`:
@@ -47,6 +50,12 @@ GPU_SMEM_BUDGET_BYTES = 227 * 1024
 # What `interpret=True` means for the TPU bodies: the TPU simulator, with every freshly allocated
 # buffer (outputs included) filled with NaN so an output block the kernel never writes fails.
 TPU_INTERPRET = pltpu.InterpretParams(uninitialized_memory="nan")
+# Any other truthy `interpret` (this value, for one) runs the TPU bodies in pallas_call's HLO
+# interpreter: a jitted loop over the grid without the simulator's checks, but also without its
+# side effects, so it works under `jax.checkpoint` and with different kernels in flight on
+# several (fake) devices at once, where the simulator, whose devices meet at one global barrier
+# per kernel, deadlocks. qwen_jax.model.dispatch uses it for the model's matmuls on CPU.
+HLO_INTERPRET = "hlo"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,19 +85,21 @@ def default_decode_block_sizes(backend: str) -> DecodeBlockSizes:
     raise ValueError(f"backend must be 'tpu' or 'gpu', got {backend!r}")
 
 
-def _visible_range(lengths_b, window, s_len):
-    """[lo, hi) of visible slots per sequence, both int32 [B]."""
+def _visible_range(lengths_b, window, s_len, starts_b=None):
+    """[lo, hi) of visible slots per sequence, both int32 [B]; lo may exceed hi (empty)."""
     hi = jnp.clip(lengths_b.astype(jnp.int32), 0, s_len)
     window = jnp.asarray(window, jnp.int32)
     lo = jnp.where(window > 0, jnp.maximum(hi - window, 0), 0)
+    if starts_b is not None:
+        lo = jnp.maximum(lo, jnp.clip(starts_b.astype(jnp.int32), 0, s_len))
     return lo, hi
 
 
-def decode_attention_reference(q_bnh, k_bskh, v_bskh, lengths_b, *, window=0):
+def decode_attention_reference(q_bnh, k_bskh, v_bskh, lengths_b, *, window=0, starts_b=None):
     """Pure-jnp decode attention (see module docstring). q [B,N,H], k/v [B,S,K,H] -> [B,N,H]."""
     b, n, h = q_bnh.shape
     s_len, k_heads = k_bskh.shape[1], k_bskh.shape[2]
-    lo, hi = _visible_range(lengths_b, window, s_len)
+    lo, hi = _visible_range(lengths_b, window, s_len, starts_b)
     s = jnp.arange(s_len, dtype=jnp.int32)
     visible_bs = (s[None, :] >= lo[:, None]) & (s[None, :] < hi[:, None])
     q_bkgh = q_bnh.reshape(b, k_heads, n // k_heads, h)
@@ -203,8 +214,9 @@ def _decode_tpu(q_bnh, k_bskh, v_bskh, lo_b, hi_b, bs: DecodeBlockSizes, interpr
     n_s = pl.cdiv(s_len, block_s)
 
     def kv_index(bi, hi_blk, si, lo_ref, hi_ref):
-        # Clamp to the blocks this sequence sees: an unchanged index means no new DMA.
-        first = lo_ref[bi] // block_s
+        # Clamp to the blocks this sequence sees: an unchanged index means no new DMA. An empty
+        # range may start at lo == S (starts == S): keep that block index inside the array.
+        first = jnp.minimum(lo_ref[bi] // block_s, n_s - 1)
         last = jnp.maximum(pl.cdiv(hi_ref[bi], block_s) - 1, first)
         return bi, jnp.clip(si, first, last), hi_blk
 
@@ -371,13 +383,15 @@ def decode_attention(
     lengths_b: jax.Array,
     *,
     window: jax.Array | int = 0,
+    starts_b: jax.Array | None = None,
     block_sizes: DecodeBlockSizes | None = None,
     backend: str | None = None,
     interpret=False,
 ) -> jax.Array:
     """Pallas decode attention; q [B,N,H], k/v [B,S,K,H], lengths [B] int32 -> o [B,N,H].
 
-    window: int or traced int32 scalar, 0 = unlimited. backend: "tpu" or "gpu" (default: the
+    window: int or traced int32 scalar, 0 = unlimited. starts_b: [B] int32 first valid slot of
+    each row (a left-padded cache), None = 0. backend: "tpu" or "gpu" (default: the
     running platform; "tpu" on CPU). interpret: True runs the kernel on CPU (the TPU body in
     the TPU simulator, the GPU body in the generic interpreter), or pass interpret params.
     """
@@ -388,9 +402,11 @@ def decode_attention(
         raise ValueError(f"query heads N={n} must be a multiple of KV heads K={k_bskh.shape[2]}")
     if lengths_b.shape != (b,):
         raise ValueError(f"lengths must have shape ({b},), got {lengths_b.shape}")
+    if starts_b is not None and starts_b.shape != (b,):
+        raise ValueError(f"starts must have shape ({b},), got {starts_b.shape}")
     backend = backend or _default_backend()
     block_sizes = block_sizes or default_decode_block_sizes(backend)
-    lo_b, hi_b = _visible_range(lengths_b, window, k_bskh.shape[1])
+    lo_b, hi_b = _visible_range(lengths_b, window, k_bskh.shape[1], starts_b)
     impl = {"tpu": _decode_tpu, "gpu": _decode_gpu}.get(backend)
     if impl is None:
         raise ValueError(f"backend must be 'tpu' or 'gpu', got {backend!r}")

@@ -36,6 +36,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from qwen_jax.kernels.decode_attention import (
     GPU_SMEM_BUDGET_BYTES,
+    HLO_INTERPRET,
     TPU_INTERPRET,
     TPU_VMEM_BUDGET_BYTES,
 )
@@ -355,7 +356,8 @@ def matmul(
 
     Differentiable in x and w (custom VJP through the same kernel). out_dtype defaults to x's.
     backend: "tpu" / "gpu" (default: the running platform; "tpu" on CPU). interpret=True runs
-    on CPU (TPU body in the TPU simulator, GPU body in the generic interpreter).
+    on CPU (TPU body in the TPU simulator, GPU body in the generic interpreter);
+    interpret=HLO_INTERPRET runs the TPU body in the generic interpreter (see its comment).
     """
     if w_kn.ndim != 2:
         raise ValueError(f"w must be [K, N], got shape {w_kn.shape}")
@@ -423,6 +425,7 @@ def matmul_flops(m: int, n: int, k: int) -> float:
 
 
 __all__ = [
+    "HLO_INTERPRET",
     "MatmulBlockSizes",
     "default_matmul_block_sizes",
     "int8_matmul",

@@ -1,4 +1,4 @@
-"""attention_impl="pallas" (qwen_jax.model.attention_dispatch) against the model's XLA path.
+"""attention_impl="pallas" (qwen_jax.model.dispatch.pallas_attention) against the XLA path.
 
 On CPU the dispatch runs the TPU kernel in interpret mode. A tiny Qwen with GQA, a per-layer
 window (traced through the layer scan) and packed rows (several documents, positions restarting
@@ -17,7 +17,7 @@ from flax import nnx
 
 from qwen_jax import sharding
 from qwen_jax.model import config as C
-from qwen_jax.model.attention_dispatch import default_attention_impl, pallas_attention
+from qwen_jax.model.dispatch import default_attention_impl, pallas_attention
 from qwen_jax.model.factory import create_model
 
 ATOL_LOGITS = 1e-4  # design.md §4: fp32 logits

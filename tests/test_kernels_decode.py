@@ -1,5 +1,7 @@
 """Decode attention (qwen_jax.kernels.decode_attention) against an independent float64 numpy
-reference that reads only each sequence's visible cache slice.
+reference that reads only each sequence's visible cache slice [lo, hi) with
+hi = length and lo = max(start, length - window): `start` is the first valid slot of a
+left-padded cache (the engine's layout), 0 unless a case has ragged starts.
 
 Both Pallas bodies run here in interpret mode: the TPU body in the TPU simulator, the GPU body in
 the generic interpreter. Cache slots outside a sequence's visible range are filled with NaN, so a
@@ -45,7 +47,11 @@ def assert_close(actual, expected, rel: float, what: str = "") -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One decode problem: q [b, k*g, h], cache [b, s, k, h]; window 0 = unlimited."""
+    """One decode problem: q [b, k*g, h], cache [b, s, k, h]; window 0 = unlimited.
+
+    starts: rows get ragged first-valid slots (left padding), including empty rows whose
+    start equals their length, one of them at start == length == S.
+    """
 
     b: int
     s: int
@@ -55,9 +61,11 @@ class Case:
     dtype: str
     window: int
     seed: int
+    starts: bool = False
 
     def __str__(self):
-        return f"b{self.b}s{self.s}k{self.k}g{self.g}h{self.h}-{self.dtype}-w{self.window}"
+        name = f"b{self.b}s{self.s}k{self.k}g{self.g}h{self.h}-{self.dtype}-w{self.window}"
+        return name + ("-starts" if self.starts else "")
 
 
 CASES = [
@@ -65,14 +73,35 @@ CASES = [
     Case(b=4, s=256, k=2, g=4, h=64, dtype="float32", window=40, seed=1),  # GQA 4, H=64, window
     Case(b=2, s=200, k=1, g=7, h=128, dtype="bfloat16", window=0, seed=2),  # Qwen2-7B ratio
     Case(b=3, s=160, k=2, g=2, h=128, dtype="bfloat16", window=100, seed=3),
+    # Left-padded caches: S a multiple of 128 (so start == S would index one block past the end).
+    Case(b=6, s=256, k=2, g=4, h=64, dtype="float32", window=40, seed=4, starts=True),
+    Case(b=6, s=300, k=1, g=2, h=128, dtype="bfloat16", window=0, seed=5, starts=True),
 ]
 
 
+def visible_range(length: int, start: int, window: int) -> tuple[int, int]:
+    """[lo, hi) of one row, written independently of the kernel's own formula."""
+    lo = max(start, length - window) if window else start
+    return lo, length
+
+
 def make_inputs(case: Case):
-    """Random q/k/v and ragged lengths (always including 0 and S); invisible slots are NaN."""
+    """Random q/k/v, ragged lengths (always including 0 and S) and starts; invisible slots NaN.
+
+    Returns q, k, v, lengths, starts (all zeros unless case.starts).
+    """
     rng = np.random.default_rng(case.seed)
     lengths = rng.integers(1, case.s + 1, size=case.b)
     lengths[0], lengths[-1] = 0, case.s
+    starts = np.zeros(case.b, np.int64)
+    if case.starts:
+        starts = rng.integers(1, np.maximum(lengths, 2))  # 1 <= start < length
+        starts[0] = 0
+        lengths[1] = case.s // 3
+        starts[1] = lengths[1]  # empty: the start reaches the new token's slot + 1
+        lengths[2] = starts[2] = case.s  # empty at the very end of the cache
+        lengths[3] = case.s // 2
+        starts[3] = lengths[3] - 20  # with a window of 40 the start, not the window, bounds lo
     q = rng.standard_normal((case.b, case.k * case.g, case.h))
     k = rng.standard_normal((case.b, case.s, case.k, case.h))
     v = rng.standard_normal((case.b, case.s, case.k, case.h))
@@ -80,22 +109,21 @@ def make_inputs(case: Case):
     q, k, v = (
         np.asarray(jnp.asarray(x, case.dtype).astype(jnp.float32), np.float64) for x in (q, k, v)
     )
-    for bi, n in enumerate(lengths):
-        lo = max(n - case.window, 0) if case.window else 0
-        k[bi, n:] = v[bi, n:] = np.nan
+    for bi, (n, st) in enumerate(zip(lengths, starts)):
+        lo, hi = visible_range(n, st, case.window)
+        k[bi, hi:] = v[bi, hi:] = np.nan
         k[bi, :lo] = v[bi, :lo] = np.nan
-    return q, k, v, lengths.astype(np.int32)
+    return q, k, v, lengths.astype(np.int32), starts.astype(np.int32)
 
 
-def numpy_decode(q, k, v, lengths, window):
+def numpy_decode(q, k, v, lengths, starts, window):
     """float64 loop over sequences: softmax over k[b, lo:hi] only. Empty range -> zeros."""
     b, n, h = q.shape
     g = n // k.shape[2]
     out = np.zeros((b, n, h))
     for bi in range(b):
-        hi = lengths[bi]
-        lo = max(hi - window, 0) if window else 0
-        if hi == lo:
+        lo, hi = visible_range(lengths[bi], starts[bi], window)
+        if hi <= lo:
             continue
         for ni in range(n):
             kk, vv = k[bi, lo:hi, ni // g], v[bi, lo:hi, ni // g]
@@ -107,8 +135,8 @@ def numpy_decode(q, k, v, lengths, window):
 
 def check_decode(case: Case, *, backend: str, interpret, block_sizes=None) -> None:
     """The assertions shared by the tests and scripts/gpu_check.py."""
-    q, k, v, lengths = make_inputs(case)
-    expected = numpy_decode(q, k, v, lengths, case.window)
+    q, k, v, lengths, starts = make_inputs(case)
+    expected = numpy_decode(q, k, v, lengths, starts, case.window)
     dt = jnp.dtype(case.dtype)
     out = da.decode_attention(
         jnp.asarray(q, dt),
@@ -116,13 +144,15 @@ def check_decode(case: Case, *, backend: str, interpret, block_sizes=None) -> No
         jnp.asarray(v, dt),
         jnp.asarray(lengths),
         window=jnp.int32(case.window),  # traced, as in a layer scan with per-layer windows
+        starts_b=jnp.asarray(starts) if case.starts else None,
         block_sizes=block_sizes or TEST_BLOCKS[backend],
         backend=backend,
         interpret=interpret,
     )
     assert out.dtype == dt and out.shape == q.shape
     assert_close(out, expected, TOL[case.dtype], f"decode {backend} {case}")
-    assert not np.any(np.asarray(out[0], np.float32)), "length 0 must give zeros"
+    empty = [bi for bi in range(case.b) if lengths[bi] <= starts[bi]] + [0]
+    assert not np.any(np.asarray(out[np.array(empty)], np.float32)), "empty rows must give zeros"
 
 
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])
@@ -133,12 +163,16 @@ def test_decode_kernel_matches_numpy(case, backend):
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_reference_matches_numpy(case):
-    q, k, v, lengths = make_inputs(case)
+    q, k, v, lengths, starts = make_inputs(case)
     dt = jnp.dtype(case.dtype)
     out = da.decode_attention_reference(
-        *(jnp.asarray(x, dt) for x in (q, k, v)), jnp.asarray(lengths), window=case.window
+        *(jnp.asarray(x, dt) for x in (q, k, v)),
+        jnp.asarray(lengths),
+        window=case.window,
+        starts_b=jnp.asarray(starts) if case.starts else None,
     )
-    assert_close(out, numpy_decode(q, k, v, lengths, case.window), TOL[case.dtype], str(case))
+    want = numpy_decode(q, k, v, lengths, starts, case.window)
+    assert_close(out, want, TOL[case.dtype], str(case))
 
 
 def test_assert_close_rejects_nan_and_error():

@@ -94,7 +94,7 @@ def test_oversized_block_fails_with_its_name():
 
 
 def test_dispatch_compiles_sharded_under_a_4_chip_mesh():
-    from qwen_jax.model.attention_dispatch import pallas_attention
+    from qwen_jax.model.dispatch import pallas_attention
     from qwen_jax.sharding import MeshConfig, make_mesh
 
     mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=2), devices=_devices("v5e"))

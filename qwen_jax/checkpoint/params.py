@@ -56,6 +56,11 @@ def save_params(
 
     `tokenizer_files` are copied into `tokenizer/` so the export is self-contained.
     """
+    if hasattr(model.blocks, "wq_scale"):
+        raise ValueError(
+            "refusing to export an int8-quantized model (qwen_jax.model.quantize): exports hold "
+            "the float weights; quantize after loading (load_engine(..., int8=True))"
+        )
     out = Path(out_dir)
     if out.exists():
         raise FileExistsError(f"output directory {out} already exists; refusing to overwrite")

@@ -54,12 +54,14 @@ def load_engine(
     dtype: str | None = None,
     max_context: int | None = None,
     mesh: Mesh | None = None,
+    int8: bool = False,
 ):
     """(Engine, tokenizer or None) for a checkpoint directory.
 
     The long-context switches default to the checkpoint's config (None = keep); `dtype`
     overrides the compute dtype (e.g. "bfloat16"). The tokenizer is checked against the
-    embedding size before any weight is read.
+    embedding size before any weight is read. `int8` serves weight-only int8 dense weights
+    (qwen_jax.model.quantize; the config's matmul_impl picks the kernel or XLA).
     """
     if not Path(checkpoint).is_dir():
         raise FileNotFoundError(f"checkpoint {checkpoint} is not a directory")
@@ -71,6 +73,10 @@ def load_engine(
     fields = ("use_dynamic_ntk", "use_logn_attn", "attn_windows", "dtype")
     overrides = {f: getattr(new_cfg, f) for f in fields if getattr(new_cfg, f) != getattr(cfg, f)}
     _, model = load_model(checkpoint, mesh=mesh, **overrides)
+    if int8:
+        from qwen_jax.model.quantize import quantize_int8
+
+        model = quantize_int8(model, mesh=mesh)
     return Engine(model, mesh=mesh, max_context=max_context), tok
 
 

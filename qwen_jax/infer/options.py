@@ -28,6 +28,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype override")
     g.add_argument(
+        "--int8",
+        action="store_true",
+        help="serve weight-only int8 dense weights (qwen_jax.model.quantize)",
+    )
+    g.add_argument(
         "--mesh", help="run sharded on a mesh preset over all devices (dp, fsdp, fsdp_tp)"
     )
     g.add_argument(
@@ -103,4 +108,5 @@ def load_from_args(args: argparse.Namespace):
         dtype=args.dtype,
         max_context=args.max_context,
         mesh=mesh,
+        int8=args.int8,
     )

@@ -1,7 +1,9 @@
 """Causal multi-head / grouped-query attention with segment, padding and window masks.
 
 One function, `attention`, is the model's only entry point; `impl` picks the XLA einsum path here
-or a Pallas kernel (qwen_jax.kernels) through `qwen_jax.model.attention_dispatch`.
+or the Pallas flash kernel (qwen_jax.kernels) through `qwen_jax.model.dispatch` (decoding one
+token against a KV cache with the Pallas decode kernel is chosen by the transformer, which knows
+the cache layout).
 
 Masking is expressed in *slot* coordinates: key slot s (0..S-1) is visible to a query whose slot is
 q_slot when
@@ -79,9 +81,9 @@ def attention(
         mask = attention_mask(q_slot_bt, q_segment_bt, kv_segment_bs, window)
         return xla_attention(q_btnh, k_bskh, v_bskh, mask)
     if impl == "pallas":
-        from qwen_jax.model import attention_dispatch
+        from qwen_jax.model import dispatch
 
-        return attention_dispatch.pallas_attention(
+        return dispatch.pallas_attention(
             q_btnh,
             k_bskh,
             v_bskh,

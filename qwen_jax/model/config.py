@@ -19,6 +19,7 @@ ENDOFTEXT_ID = 151_643
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "save_qkv_proj"]
+_IMPLS = ("xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +53,11 @@ class QwenConfig:
     dtype: str = "float32"  # compute dtype (activations, matmul inputs)
     param_dtype: str = "float32"  # storage dtype of parameters (fp32 master weights)
     remat_policy: RematPolicy = "none"
-    attention_impl: Literal["xla", "pallas"] = "xla"
+    # Kernels (qwen_jax.model.dispatch); runtime choices, never written to HF config.json.
+    attention_impl: Literal["xla", "pallas"] = "xla"  # flash (no cache) + decode (T == 1)
+    # "pallas" needs replicated weights under a mesh (single device or data parallel); the
+    # "dots" remat policies save XLA dot outputs only, so they recompute the kernel's products.
+    matmul_impl: Literal["xla", "pallas"] = "xla"
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -70,6 +75,9 @@ class QwenConfig:
             )
         if any(w < 0 for w in self.attn_windows):
             raise ValueError(f"attn_windows must be >= 0 (0 = full), got {self.attn_windows}")
+        for name in ("attention_impl", "matmul_impl"):
+            if getattr(self, name) not in _IMPLS:
+                raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {_IMPLS}")
 
     @property
     def compute_dtype(self):

@@ -12,6 +12,7 @@ identical, GQA and tensor-parallel head sharding stay uniform, and checkpoint I/
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from qwen_jax.model import rope
+from qwen_jax.model import dispatch, rope
 from qwen_jax.model.attention import attention
 from qwen_jax.model.config import QwenConfig
 from qwen_jax.model.layers import rms_norm, swiglu
@@ -61,6 +62,11 @@ def _param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
+def _keep_dtype(name: str, value: jax.Array) -> bool:
+    """int8 weights and their scales are not cast to the compute dtype (quantize.py)."""
+    return value.dtype == jnp.int8 or name.endswith("_scale")
+
+
 def _remat(fn, policy: str):
     if policy == "none":
         return fn
@@ -95,7 +101,10 @@ class Blocks(nnx.Module):
             setattr(self, name, _param(value, ("layers", *axes)))
 
     def stacked(self) -> dict[str, jax.Array]:
-        return {name: getattr(self, name)[...] for name in _LAYER_PARAMS if hasattr(self, name)}
+        """Every per-layer array by name, with the int8 scales of a quantized model
+        ("<name>_scale", qwen_jax.model.quantize)."""
+        names = [*_LAYER_PARAMS, *(f"{n}_scale" for n in _LAYER_PARAMS)]
+        return {name: getattr(self, name)[...] for name in names if hasattr(self, name)}
 
 
 class Qwen(nnx.Module):
@@ -177,8 +186,21 @@ class Qwen(nnx.Module):
         q_scale_bt = rope.logn_scale(positions_bt, cfg.seq_length) if logn else None
         windows_l = jnp.asarray(cfg.attn_windows or (0,) * cfg.num_layers, jnp.int32)
 
+        # Attention path. Without a cache (training, scoring) T == S and q_slot == arange(T):
+        # the flash kernel's layout. Decoding one token against the cache takes the decode
+        # kernel. Prefilling T > 1 tokens into a cache stays on XLA: the queries sit at an offset
+        # into a longer, left-padded cache, a layout neither kernel serves (and prefill is one
+        # call per prompt, decode the per-token loop).
+        decode_kernel = cache is not None and t == 1 and cfg.attention_impl == "pallas"
+        attn_impl = cfg.attention_impl if cache is None else "xla"
+        starts_b = dispatch.cache_starts(kv_segment_bs) if decode_kernel else None
+        mm = functools.partial(dispatch.matmul, impl=cfg.matmul_impl)
+
         dt = cfg.compute_dtype
-        x = jnp.take(self.wte[...], tokens_bt, axis=0).astype(dt)
+        x = jnp.take(self.wte[...], tokens_bt, axis=0)
+        if hasattr(self, "wte_scale"):  # int8 tied table: rows scale like the head's channels
+            x = x.astype(jnp.float32) * jnp.take(self.wte_scale[...], tokens_bt, axis=0)[..., None]
+        x = x.astype(dt)
         x = shard(x, "batch", "act_seq", "act_embed")
 
         # The cache rides in the scan carry and is updated in place at [layer, :, index): as
@@ -186,11 +208,13 @@ class Qwen(nnx.Module):
         def layer(carry, xs):
             x_btd, k_cache, v_cache = carry
             p, window, layer_idx = xs
-            p = {k: v.astype(dt) for k, v in p.items()}
+            # int8 weights and their fp32 scales go to the matmul as they are (quantize.py).
+            p = {k: v if _keep_dtype(k, v) else v.astype(dt) for k, v in p.items()}
+            scale_of = {k: p.get(f"{k}_scale") for k in _LAYER_PARAMS}
             h = rms_norm(x_btd, p["ln_1"], cfg.rms_eps)
-            q = jnp.einsum("btd,dnh->btnh", h, p["wq"])
-            k = jnp.einsum("btd,dkh->btkh", h, p["wk"])
-            v = jnp.einsum("btd,dkh->btkh", h, p["wv"])
+            q = mm("btd,dnh->btnh", h, p["wq"], scale=scale_of["wq"])
+            k = mm("btd,dkh->btkh", h, p["wk"], scale=scale_of["wk"])
+            v = mm("btd,dkh->btkh", h, p["wv"], scale=scale_of["wv"])
             if cfg.qkv_bias:
                 q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
             q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
@@ -206,20 +230,28 @@ class Qwen(nnx.Module):
                 k_att, v_att = k_cache[layer_idx].astype(dt), v_cache[layer_idx].astype(dt)
             else:
                 k_att, v_att = k, v
-            o = attention(
-                q,
-                k_att,
-                v_att,
-                q_slot_bt=q_slot_bt,
-                q_segment_bt=segment_ids_bt,
-                kv_segment_bs=kv_segment_bs,
-                window=window,
-                impl=cfg.attention_impl if cache is None else "xla",
-            )
+            if decode_kernel:
+                o = dispatch.decode_attention(
+                    q, k_att, v_att, q_slot=start, starts_b=starts_b, window=window
+                )
+            else:
+                o = attention(
+                    q,
+                    k_att,
+                    v_att,
+                    q_slot_bt=q_slot_bt,
+                    q_segment_bt=segment_ids_bt,
+                    kv_segment_bs=kv_segment_bs,
+                    window=window,
+                    impl=attn_impl,
+                )
             o = checkpoint_name(o, "attn_out")
-            x_btd = x_btd + jnp.einsum("btnh,nhd->btd", o, p["wo"])
+            x_btd = x_btd + mm("btnh,nhd->btd", o, p["wo"], scale=scale_of["wo"])
             h = rms_norm(x_btd, p["ln_2"], cfg.rms_eps)
-            x_btd = x_btd + swiglu(h, p["w1"], p["w2"], p["c_proj"])
+            mlp_scales = (scale_of["w1"], scale_of["w2"], scale_of["c_proj"])
+            x_btd = x_btd + swiglu(
+                h, p["w1"], p["w2"], p["c_proj"], impl=cfg.matmul_impl, scales=mlp_scales
+            )
             x_btd = shard(x_btd, "batch", "act_seq", "act_embed")
             return (x_btd, k_cache, v_cache), None
 
@@ -243,14 +275,30 @@ class Qwen(nnx.Module):
             return h, new_cache
         return self.logits(h), new_cache
 
+    def _head(self) -> tuple[jax.Array, jax.Array | None]:
+        """(output projection [D, V], its int8 scale [V] or None)."""
+        tied = self.cfg.tie_embeddings
+        w = self.wte[...].T if tied else self.lm_head[...]
+        scale = getattr(self, "wte_scale" if tied else "lm_head_scale", None)
+        return w, None if scale is None else scale[...]
+
     def head_weight(self) -> jax.Array:
         """The output projection [D, V] (the transposed embedding when tied)."""
-        return self.wte[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        w, scale = self._head()
+        if scale is not None:
+            raise ValueError(
+                "this model has int8 weights (qwen_jax.model.quantize), which serve inference "
+                "only: training and head_weight need the float model"
+            )
+        return w
 
     def logits(self, h_btd: jax.Array) -> jax.Array:
         """[B, T, D] -> fp32 logits [B, T, V] (compute-dtype inputs, fp32 accumulation)."""
-        w = self.head_weight().astype(h_btd.dtype)
-        out = jnp.einsum("btd,dv->btv", h_btd, w, preferred_element_type=jnp.float32)
+        w, scale = self._head()
+        w = w if scale is not None else w.astype(h_btd.dtype)
+        out = dispatch.matmul(
+            "btd,dv->btv", h_btd, w, impl=self.cfg.matmul_impl, out_dtype=jnp.float32, scale=scale
+        )
         return shard(out, "batch", "act_seq", "act_vocab")
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from qwen_jax.model.dispatch import matmul
+
 
 def chunked_cross_entropy(
     h_btd: jax.Array,
@@ -14,6 +16,7 @@ def chunked_cross_entropy(
     *,
     chunk: int = 256,
     z_loss: float = 0.0,
+    matmul_impl: str = "xla",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Weighted next-token cross-entropy without materialising [B, T, V] fp32 logits.
 
@@ -21,7 +24,7 @@ def chunked_cross_entropy(
       ce = lse - logits[target],  z = z_loss * lse^2  (PaLM's z-loss keeps lse near 0).
     The sequence is processed `chunk` positions at a time under `jax.checkpoint` (when there is
     more than one chunk), so the forward and the backward each hold one [B, chunk, V] block of
-    logits at a time.
+    logits at a time. `matmul_impl` is the model config's (qwen_jax.model.dispatch.matmul).
 
     Returns (sum_t w_t * ce_t, sum_t w_t * z_t, sum_t w_t): sums, so callers can normalise over
     gradient-accumulation microbatches exactly.
@@ -40,7 +43,7 @@ def chunked_cross_entropy(
     ws = weights_bt.astype(jnp.float32).reshape(b, n, chunk).swapaxes(0, 1)
 
     def one(h_bcd, tgt_bc, wt_bc):
-        logits = jnp.einsum("bcd,dv->bcv", h_bcd, w_dv, preferred_element_type=jnp.float32)
+        logits = matmul("bcd,dv->bcv", h_bcd, w_dv, impl=matmul_impl, out_dtype=jnp.float32)
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, tgt_bc[..., None], axis=-1)[..., 0]
         return jnp.sum(wt_bc * (lse - picked)), jnp.sum(wt_bc * z_loss * lse**2)

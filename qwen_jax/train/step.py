@@ -49,6 +49,7 @@ def _loss_sums(graphdef, params, batch: Batch, cfg: StepConfig):
         batch["decoder_loss_weights"],
         chunk=cfg.loss_chunk,
         z_loss=cfg.z_loss,
+        matmul_impl=model.cfg.matmul_impl,
     )
 
 
