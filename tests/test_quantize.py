@@ -115,9 +115,10 @@ def test_engine_serves_int8_like_the_dequantized_float_model(tmp_path):
     save_params(create_model(cfg.replace(matmul_impl="xla"), seed=1), tmp_path / "export")
     mesh = make_mesh("fsdp_tp")
     engine, _ = load_engine(tmp_path / "export", mesh=mesh, int8=True)
-    wq = engine.state["blocks"]["wq"][...]
-    assert wq.dtype == jnp.int8
-    assert wq.sharding == sharding_for(("layers", "embed", "heads", "head_dim"), wq.shape, mesh)
+    wq = engine.layers[0]["wq"]  # the engine holds per-layer weights (engine.unstack_layers)
+    assert wq.dtype == jnp.int8 and engine.layers[0]["wq_scale"].dtype == jnp.float32
+    want_sharding = sharding_for(("embed", "heads", "head_dim"), wq.shape, mesh)
+    assert wq.sharding.is_equivalent_to(want_sharding, wq.ndim), wq.sharding
     assert_same_generation(engine.generate(PROMPTS, max_new_tokens=NEW), want)
 
 
