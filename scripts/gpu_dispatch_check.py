@@ -39,6 +39,7 @@ def check_decode() -> dict:
 
 
 def check_matmul() -> dict:
+    import jax
     import numpy as np
     import test_attention_dispatch as ta
 
@@ -52,7 +53,17 @@ def check_matmul() -> dict:
     np.testing.assert_allclose(logits, want_logits, atol=ta.ATOL_LOGITS, rtol=0)
     ta.assert_grads_close(grads, want_grads)
     err = float(np.max(np.abs(np.asarray(logits) - np.asarray(want_logits))))
-    return {"name": "model matmul pallas == xla", "max_abs_logit_err": err}
+    row = {"name": "model matmul pallas == xla", "max_abs_logit_err": err}
+    if jax.default_backend() == "gpu":  # the pallas side must really hold Triton kernels
+        from flax import nnx
+
+        graphdef, state = nnx.split(model)
+        forward = jax.jit(lambda s: nnx.merge(graphdef, s)(tokens, positions_bt=pos)[0])
+        text = forward.lower(state).as_text()
+        row["triton_kernels_in_program"] = text.count("xla.gpu.triton")
+        if not row["triton_kernels_in_program"]:
+            raise AssertionError("matmul_impl='pallas' lowered without a Triton kernel")
+    return row
 
 
 def main(argv=None) -> int:
