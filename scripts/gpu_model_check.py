@@ -30,22 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def parity() -> dict:
     import jax
-    import numpy as np
 
     sys.path.insert(0, str(ROOT / "tests"))
     import test_attention_dispatch as t
 
-    from qwen_jax.model.factory import create_model
-
-    cfg = t.tiny()
-    tokens, pos, seg = t.packed_batch(3, 40, cfg.vocab_size)
     with jax.default_matmul_precision("float32"):
-        want_logits, want_grads = t.logits_and_grads(create_model(cfg), tokens, pos, seg)
-        model = create_model(cfg.replace(attention_impl="pallas"))
-        logits, grads = t.logits_and_grads(model, tokens, pos, seg)
-    np.testing.assert_allclose(logits, want_logits, atol=t.ATOL_LOGITS, rtol=0)
-    t.assert_grads_close(grads, want_grads)
-    err = float(np.max(np.abs(np.asarray(logits) - np.asarray(want_logits))))
+        err = t.assert_matches_xla(t.tiny(), dict(attention_impl="pallas"), 3, 40)
     return {"name": "model pallas == xla (tiny, GQA, window, packed)", "max_abs_logit_err": err}
 
 

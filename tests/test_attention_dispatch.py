@@ -9,6 +9,8 @@ the unsharded XLA answer, also when the kv heads cannot follow the query heads' 
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,6 +70,21 @@ def assert_grads_close(got, want):
         assert err <= REL_GRADS, f"{path}: relative gradient error {err:.3g} > {REL_GRADS:g}"
 
 
+def assert_matches_xla(cfg, change: dict, batch: int, length: int, *, seed=0, mesh=None) -> float:
+    """cfg.replace(**change), built and run under `mesh` if given, gives the logits and parameter
+    gradients of cfg's unsharded XLA model on a packed batch; returns the max |logit difference|.
+    """
+    tokens, pos, seg = packed_batch(batch, length, cfg.vocab_size, seed=seed)
+    want_logits, want_grads = logits_and_grads(create_model(cfg), tokens, pos, seg)
+    model = create_model(cfg.replace(**change), mesh=mesh)
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        logits, grads = logits_and_grads(model, tokens, pos, seg)
+    assert np.isfinite(np.asarray(logits)).all()
+    np.testing.assert_allclose(logits, want_logits, atol=ATOL_LOGITS, rtol=0)
+    assert_grads_close(grads, want_grads)
+    return float(np.max(np.abs(np.asarray(logits) - np.asarray(want_logits))))
+
+
 def tiny(**changes):
     base = dict(num_heads=4, num_kv_heads=2, head_dim=16, num_layers=2, attn_windows=(0, 7))
     return C.tiny(C.QWEN_7B, **(base | changes))
@@ -76,28 +93,17 @@ def tiny(**changes):
 @pytest.mark.slow
 def test_pallas_model_matches_xla():
     cfg = tiny()
-    tokens, pos, seg = packed_batch(3, 40, cfg.vocab_size)
+    seg = packed_batch(3, 40, cfg.vocab_size)[2]
     assert int((seg == 0).sum()) > 0 and int(seg.max()) > 1  # padding and packing present
-    want_logits, want_grads = logits_and_grads(create_model(cfg), tokens, pos, seg)
-    model = create_model(cfg.replace(attention_impl="pallas"))
-    logits, grads = logits_and_grads(model, tokens, pos, seg)
-    assert np.isfinite(np.asarray(logits)).all()
-    np.testing.assert_allclose(logits, want_logits, atol=ATOL_LOGITS, rtol=0)
-    assert_grads_close(grads, want_grads)
+    assert_matches_xla(cfg, dict(attention_impl="pallas"), 3, 40)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kv_heads", [2, 1], ids=["kv_sharded", "kv_replicated"])
 def test_pallas_under_mesh_matches_unsharded_xla(kv_heads):
-    cfg = tiny(num_kv_heads=kv_heads)
-    tokens, pos, seg = packed_batch(4, 24, cfg.vocab_size, seed=kv_heads)
-    want_logits, want_grads = logits_and_grads(create_model(cfg), tokens, pos, seg)
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
-    model = create_model(cfg.replace(attention_impl="pallas"), mesh=mesh)
-    with jax.set_mesh(mesh):
-        logits, grads = logits_and_grads(model, tokens, pos, seg)
-    np.testing.assert_allclose(logits, want_logits, atol=ATOL_LOGITS, rtol=0)
-    assert_grads_close(grads, want_grads)
+    change = dict(attention_impl="pallas")
+    assert_matches_xla(tiny(num_kv_heads=kv_heads), change, 4, 24, seed=kv_heads, mesh=mesh)
 
 
 def test_decode_layout_is_refused():

@@ -22,39 +22,19 @@ from qwen_jax.model import config as C
 from qwen_jax.model import dispatch
 from qwen_jax.model.factory import create_model
 from qwen_jax.train.losses import chunked_cross_entropy
-from tests.test_attention_dispatch import (
-    ATOL_LOGITS,
-    assert_grads_close,
-    logits_and_grads,
-    packed_batch,
-    tiny,
-)
+from tests.test_attention_dispatch import assert_grads_close, assert_matches_xla, tiny
 
 
 def test_pallas_matmul_model_matches_xla():
-    cfg = tiny()
-    tokens, pos, seg = packed_batch(2, 24, cfg.vocab_size)
-    want_logits, want_grads = logits_and_grads(create_model(cfg), tokens, pos, seg)
-    logits, grads = logits_and_grads(
-        create_model(cfg.replace(matmul_impl="pallas")), tokens, pos, seg
-    )
-    assert np.isfinite(np.asarray(logits)).all()
-    np.testing.assert_allclose(logits, want_logits, atol=ATOL_LOGITS, rtol=0)
-    assert_grads_close(grads, want_grads)
+    assert_matches_xla(tiny(), dict(matmul_impl="pallas"), 2, 24)
 
 
 def test_pallas_matmul_tied_head_and_dp_mesh_match_xla():
     """Tied embeddings, batch 8 split 8 ways over a data-parallel mesh."""
-    cfg = tiny(tie_embeddings=True)
-    tokens, pos, seg = packed_batch(8, 16, cfg.vocab_size, seed=2)
-    want_logits, want_grads = logits_and_grads(create_model(cfg), tokens, pos, seg)
     mesh = sharding.make_mesh("dp")
     assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
-    model = create_model(cfg.replace(matmul_impl="pallas"), mesh=mesh)
-    with jax.set_mesh(mesh):
-        logits, grads = logits_and_grads(model, tokens, pos, seg)
-    np.testing.assert_allclose(logits, want_logits, atol=ATOL_LOGITS, rtol=0)
-    assert_grads_close(grads, want_grads)
+    cfg = tiny(tie_embeddings=True)
+    assert_matches_xla(cfg, dict(matmul_impl="pallas"), 8, 16, seed=2, mesh=mesh)
 
 
 def test_pallas_matmul_loss_matches_xla():
