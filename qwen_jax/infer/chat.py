@@ -24,6 +24,7 @@ from qwen_jax.infer.options import (
     add_model_args,
     add_sampling_args,
     load_from_args,
+    run_cli,
     sampling_from_args,
 )
 from qwen_jax.infer.sampling import SamplingParams
@@ -167,9 +168,4 @@ def run(args: argparse.Namespace, stdin=None, stdout=None) -> int:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except USER_ERRORS as e:
-        print(f"qwen-jax chat: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli("qwen-jax chat", build_parser(), run, argv)

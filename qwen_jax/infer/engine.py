@@ -173,10 +173,10 @@ class Engine:
 
     def __init__(self, model: Qwen, *, mesh: Mesh | None = None, max_context: int | None = None):
         self.cfg = model.cfg
-        self.graphdef, state = nnx.split(model)
-        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-            self.state, self.layers = unstack_layers(state)
         self.mesh = mesh
+        self.graphdef, state = nnx.split(model)
+        with self._mesh():
+            self.state, self.layers = unstack_layers(state)
         self.max_context = max_context or self.cfg.max_position_embeddings
 
     def _mesh(self):

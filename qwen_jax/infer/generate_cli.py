@@ -16,11 +16,11 @@ import json
 import sys
 
 from qwen_jax.infer.options import (
-    USER_ERRORS,
     UsageError,
     add_model_args,
     add_sampling_args,
     load_from_args,
+    run_cli,
     sampling_from_args,
 )
 from qwen_jax.infer.sampling import SamplingParams
@@ -122,9 +122,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except USER_ERRORS as e:
-        print(f"qwen-jax generate: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli("qwen-jax generate", build_parser(), run, argv)

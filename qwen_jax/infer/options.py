@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from qwen_jax.checkpoint import CheckpointError, checkpoint_config
 from qwen_jax.infer.engine import GenerationError
@@ -17,6 +18,16 @@ class UsageError(ValueError):
 
 # What the CLIs report as "error: <message>" (exit 2) instead of a traceback.
 USER_ERRORS = (UsageError, GenerationError, TokenizerMismatch, CheckpointError, FileNotFoundError)
+
+
+def run_cli(prog: str, parser: argparse.ArgumentParser, run, argv: list[str]) -> int:
+    """Parse argv and call run(args); a user error prints "<prog>: error: ..." and returns 2."""
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except USER_ERRORS as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -242,11 +242,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
-    from qwen_jax.infer.options import USER_ERRORS
+    from qwen_jax.infer.options import run_cli
 
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except USER_ERRORS as e:
-        print(f"qwen-jax eval ppl: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli("qwen-jax eval ppl", build_parser(), run, argv)
