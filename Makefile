@@ -4,7 +4,9 @@
 PY      ?= python3
 # The environment lives outside the checkout, named by the hash of the pinned requirements, so a
 # fresh clone (CI) reuses it: only the editable link to this tree is refreshed (about 5 s).
-DEPS    := $(shell sed -n '/^\[options\]/,/^\[options.entry_points\]/p' setup.cfg | sha256sum | cut -c1-16)
+# Only the requirement lines count (install_requires and the extras): a new package in the
+# `packages` list needs no new environment.
+DEPS    := $(shell sed -n '/^install_requires/,/^\[options.entry_points\]/p' setup.cfg | sha256sum | cut -c1-16)
 VENV    ?= $(HOME)/.cache/qwen-jax/venv-$(DEPS)
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.deps-installed

@@ -1,6 +1,10 @@
 """Side-by-side benchmark: qwen-jax vs the transformers peer, same shape, same machine, one run.
 
-  python -m benchmarks.run [--what train,prefill,decode] [--steps N] [--out results.json]
+  python -m benchmarks.run [--what train,prefill,decode] [--steps N] [--shapes a,b]
+                           [--out results.json]
+
+Shapes come from qwen_jax/bench_shapes.py (train and prefill: the bench shape; decode: every
+shape in --shapes, default all of DECODE_SHAPES, at batch 1 and 8).
 
 Each side runs in its own process (JAX and PyTorch each get all cores, one at a time); every
 figure is printed as a JSON line, then one ratio line per figure (ours / peer).
@@ -37,15 +41,17 @@ def _rows(cmd: list[str]) -> list[dict]:
 
 
 def _key(row: dict) -> tuple:
-    return row["figure"], row.get("batch")
+    return row["figure"], row.get("batch"), row.get("shape", "bench")
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--what", default="train,prefill,decode")
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--shapes", default=None, help="decode shapes (default: all DECODE_SHAPES)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    shapes = ["--shapes", args.shapes] if args.shapes else []
     rows = []
     for what in [w.strip() for w in args.what.split(",") if w.strip()]:
         ours = _rows(
@@ -58,11 +64,12 @@ def main() -> int:
                 what,
                 "--steps",
                 str(args.steps),
+                *shapes,
             ]
         )
         peer_cmd = [sys.executable, "-m", PEERS[what], "--steps", str(args.steps)]
         if PEERS[what] == "benchmarks.peer_infer":
-            peer_cmd += ["--what", what]
+            peer_cmd += ["--what", what, *shapes]
         peer = {_key(r): r for r in _rows(peer_cmd)}
         rows += ours + list(peer.values())
         for r in ours:
@@ -73,6 +80,7 @@ def main() -> int:
                     "value": r["value"] / other["value"],
                     "unit": "qwen-jax / transformers",
                     "batch": r.get("batch"),
+                    "shape": r.get("shape", "bench"),
                 }
                 rows.append(ratio)
                 print(json.dumps(ratio), flush=True)

@@ -17,16 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
+from qwen_jax import hardware
 
-# VMEM per TensorCore in bytes (what one Mosaic kernel may use), by chip generation.
-VMEM_BYTES: dict[str, int] = {
-    "v4": 16 * 2**20,
-    "v5e": 128 * 2**20,
-    "v5p": 64 * 2**20,
-    "v6e": 128 * 2**20,
-}
-TPU_CHIPS = tuple(VMEM_BYTES)
+# VMEM per TensorCore in bytes (what one Mosaic kernel may use), by TPU generation.
+VMEM_BYTES: dict[str, int] = {name: hardware.CHIPS[name].vmem_bytes for name in hardware.TPU_CHIPS}
+TPU_CHIPS = hardware.TPU_CHIPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,43 +78,27 @@ CHIPS = tuple(_DEFAULTS)
 
 
 def chip_from_device_kind(device_kind: str, platform: str = "tpu") -> str:
-    """Map a jax `device_kind` ("TPU v5 lite", "TPU v4", "NVIDIA H100 ...") to a key of CHIPS."""
+    """Map a jax `device_kind` ("TPU v5 lite", "TPU v4", "NVIDIA H100 ...") to a key of CHIPS:
+    the hardware table's TPU generation, or "gpu" / "cpu" (one default per platform)."""
     if platform in ("gpu", "cuda", "rocm"):
         return "gpu"
     if platform == "cpu":
         return "cpu"
-    kind = device_kind.lower()
-    table = (
-        ("v6 lite", "v6e"),
-        ("v6e", "v6e"),
-        ("v5 lite", "v5e"),
-        ("v5e", "v5e"),
-        ("v5p", "v5p"),
-        ("v5", "v5p"),  # "TPU v5" is v5p
-        ("v4", "v4"),
-    )
-    for needle, chip in table:
-        if needle in kind:
-            return chip
-    raise ValueError(
-        f"no flash-attention block sizes for device kind {device_kind!r}; pass block_sizes"
-    )
+    try:
+        chip = hardware.chip_for_device_kind(device_kind)
+    except ValueError:
+        chip = None
+    if chip is None or chip.name not in _DEFAULTS:
+        raise ValueError(
+            f"no flash-attention block sizes for device kind {device_kind!r}; pass block_sizes"
+        )
+    return chip.name
 
 
 def current_chip() -> str:
-    """The chip the current computation targets: the active mesh's devices, else jax's default.
-
-    The abstract mesh matters for ahead-of-time compilation: under `jax.set_mesh(topology_mesh)`
-    on a CPU host the target is the topology's TPU, while `jax.devices()` still says CPU.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    device = getattr(mesh, "abstract_device", None) if mesh is not None else None
-    if device is not None:
-        kind = device.device_kind
-        platform = "tpu" if kind.lower().startswith("tpu") else jax.default_backend()
-        return chip_from_device_kind(kind, platform)
-    device = jax.devices()[0]
-    return chip_from_device_kind(device.device_kind, device.platform)
+    """The chip the current computation targets (`hardware.target_device`), a key of CHIPS."""
+    device = hardware.target_device()
+    return chip_from_device_kind(device.device_kind, hardware.device_platform(device))
 
 
 def default_block_sizes(chip: str | None = None) -> FlashBlockSizes:

@@ -1,6 +1,7 @@
 """`qwen-jax bench --what {train,prefill,decode}`: one JSON object per figure on stdout.
 
-The bench shape is design.md §5's: Qwen-v1-shaped, small enough for 2 CPU cores. Absolute numbers
+Shapes and workloads are the table in qwen_jax.bench_shapes: design.md §5's bench shape for
+every figure, and Qwen2.5-0.5B's shape for decode too (`--shapes`). Absolute numbers
 on shared machines are noise; `benchmarks/run.py` measures the transformers peer in the same run
 and reports ratios.
 """
@@ -8,33 +9,31 @@ and reports ratios.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
+from qwen_jax.bench_shapes import (  # noqa: F401  (re-exported for the bench modules)
+    DECODE_BATCHES,
+    DECODE_NEW,
+    DECODE_PROMPT,
+    DECODE_SHAPES,
+    PREFILL_BATCH,
+    PREFILL_LEN,
+    SHAPES,
+    TRAIN_BATCH,
+    TRAIN_LEN,
+    emit,
+)
 from qwen_jax.model.config import QwenConfig
 
-BENCH_CONFIG = QwenConfig(
-    vocab_size=151_936,
-    hidden_size=512,
-    num_layers=8,
-    num_heads=8,
-    num_kv_heads=8,
-    head_dim=64,
-    ffn_size=1408,
-    seq_length=2048,
-    max_position_embeddings=4096,
-)
-# Workloads (design.md §5).
-TRAIN_BATCH, TRAIN_LEN = 4, 256
-PREFILL_BATCH, PREFILL_LEN = 4, 512
-DECODE_PROMPT, DECODE_NEW, DECODE_BATCHES = 64, 128, (1, 8)
+
+def bench_config(shape: str) -> QwenConfig:
+    """The QwenConfig of a named bench shape (qwen_jax.bench_shapes.SHAPES)."""
+    if shape not in SHAPES:
+        raise KeyError(f"unknown bench shape {shape!r}; choose from {sorted(SHAPES)}")
+    return QwenConfig(**SHAPES[shape])
 
 
-def emit(figure: str, value: float, unit: str, **extra) -> dict:
-    """Print one figure as a JSON line and return it."""
-    row = {"figure": figure, "value": value, "unit": unit, **extra}
-    print(json.dumps(row), flush=True)
-    return row
+BENCH_CONFIG = bench_config("bench")
 
 
 def _runners():
@@ -52,7 +51,13 @@ def _runners():
     def decode(args):
         from qwen_jax.infer.bench import bench_decode
 
-        return [bench_decode(BENCH_CONFIG, batch=b) for b in DECODE_BATCHES]
+        # Decode is timed as the best of min(steps, 2) whole generations (each is 128 steps).
+        repeats = min(args.steps, 2)
+        return [
+            bench_decode(bench_config(s), batch=b, repeats=repeats, shape=s)
+            for s in args.shapes.split(",")
+            for b in DECODE_BATCHES
+        ]
 
     return {"train": train, "prefill": prefill, "decode": decode}
 
@@ -62,8 +67,18 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="qwen-jax bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--what", default="train,prefill,decode", help="comma list of workloads")
     p.add_argument("--steps", type=int, default=5, help="timed repetitions per workload")
+    p.add_argument(
+        "--shapes",
+        default=",".join(DECODE_SHAPES),
+        help=f"comma list of decode shapes, from {sorted(SHAPES)}",
+    )
     args = p.parse_args(argv)
     wanted = [w.strip() for w in args.what.split(",") if w.strip()]
+    bad_shapes = [s for s in args.shapes.split(",") if s not in SHAPES]
+    if bad_shapes:
+        print(f"qwen-jax bench: unknown shape(s) {bad_shapes}; choose from {sorted(SHAPES)}",
+              file=sys.stderr)  # fmt: skip
+        return 2
     unknown = [w for w in wanted if w not in runners]
     if unknown:
         print(

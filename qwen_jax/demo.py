@@ -24,15 +24,6 @@ EXPERIMENT = Path(__file__).resolve().parent.parent / "experiments" / "pretrain"
 VOCAB_SIZE = 2048
 
 
-def _load_experiment(path: Path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("experiment", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(None)
-
-
 def unigram_entropy(mixture: str, data_dir: str, tokenizer, seq_len: int, batches: int) -> float:
     """Entropy (nats/token) of the empirical unigram distribution of the packed training targets."""
     from qwen_jax.data.pipeline import get_iterator
@@ -63,8 +54,8 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     from qwen_jax.data.demo_corpus import build_demo
     from qwen_jax.tokenizer import load_tokenizer, train_sentencepiece
-    from qwen_jax.train.config import TrainConfig
-    from qwen_jax.train.trainer import train
+    from qwen_jax.train.config import TrainConfig, load_experiment
+    from qwen_jax.train.loop import train
 
     wd = args.workdir
     t0 = time.perf_counter()
@@ -79,7 +70,7 @@ def main(argv: list[str]) -> int:
         print(f"[demo] SentencePiece BPE vocab of {VOCAB_SIZE} trained: {spm_path}")
     tokenizer = load_tokenizer(str(spm_path))
 
-    c = _load_experiment(EXPERIMENT)
+    c = load_experiment(EXPERIMENT)
     c.data.data_dir = str(data_dir)
     c.data.tokenizer = str(spm_path)
     if args.steps:

@@ -17,7 +17,6 @@ compile with RESOURCE_EXHAUSTED, which is reported as such.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -34,13 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 GIB = 1 << 30
 
 
-def load_experiment(path: str, arg: str | None):
-    spec = importlib.util.spec_from_file_location("experiment", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "experiments/pretrain/qwen_7b.py"))
@@ -52,11 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from qwen_jax.train.aot import compile_for_topology
-    from qwen_jax.train.config import TrainConfig
+    from qwen_jax.train.config import TrainConfig, load_experiment
 
     reports = {}
     for impl in ("xla", "pallas"):
-        c = load_experiment(*(args.config.split(":", 1) + [None])[:2])
+        c = load_experiment(args.config)
         c.model.attention_impl = impl
         if args.seq_len:
             c.data.seq_len = args.seq_len

@@ -5,11 +5,12 @@ On an H100/H200 host (jax with CUDA):
 CPU smoke test (interpret mode, tiny shapes; tests/test_kernels_matmul_gpu_check.py runs it):
     python scripts/gpu_check.py --interpret --small --out /tmp/gpu_check.json
 
-1. Parity. The kernel tests' own assertions, compiled for the GPU: every case of
-   tests/test_kernels_decode.py and tests/test_kernels_matmul.py (`CASES`, `check_*`; fp32 1e-5,
-   bf16 2e-2 max-norm relative, non-finite values fail), and part A's GPU flash attention
-   (forward and gradients, packed segments, window, GQA) against the model's XLA attention
-   (`qwen_jax.model.attention`). A missing flash module is skipped with a message.
+1. Parity. The kernel tests' own cases and assertions (qwen_jax.testing.kernel_cases), compiled
+   for the GPU: every decode and matmul case (`check_decode`, `check_matmul`,
+   `check_int8_matmul`; fp32 1e-5, bf16 2e-2 max-norm relative, non-finite values fail), and the
+   GPU flash attention's forward and gradients (`check_gpu_flash`: packed segments with left and
+   right padding, windows, GQA) on the test cases plus two at the default tiles. A missing flash
+   module is skipped with a message.
 2. Timings (median of repeated runs, after compile and warm-up), each checked against its
    baseline's output first: flash attention forward and forward+backward vs
    jax.nn.dot_product_attention (implementation "xla" and "cudnn"); decode attention vs its
@@ -35,7 +36,12 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+# Flash cases at the GPU's default tiles (blocks=None): GQA 4 with a window across tiles (fp32),
+# and MHA with 8 heads at bf16.
+GPU_FLASH_DEFAULT_TILES = [
+    dict(b=2, t=300, k=2, g=4, h=128, dtype="float32", window=96, seed=300),
+    dict(b=1, t=512, k=8, g=1, h=128, dtype="bfloat16", window=0, seed=512),
+]
 
 
 @dataclasses.dataclass
@@ -70,36 +76,28 @@ def _short(e: BaseException) -> str:
 # ---------------------------------------------------------------------------------- parity
 
 
-def _test_module(name):
-    tests = str(ROOT / "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    return importlib.import_module(name)
-
-
 def parity_checks(report: Report, interpret: bool, small: bool):
-    td = _test_module("test_kernels_decode")
-    tm = _test_module("test_kernels_matmul")
-    for case in td.CASES[:1] if small else td.CASES:
+    from qwen_jax.testing import kernel_cases as kc
+
+    for case in kc.DECODE_CASES[:1] if small else kc.DECODE_CASES:
         report.record_check(
-            f"decode {case}", lambda c=case: td.check_decode(c, backend="gpu", interpret=interpret)
+            f"decode {case}", lambda c=case: kc.check_decode(c, backend="gpu", interpret=interpret)
         )
-    for case in tm.CASES[:1] if small else tm.CASES:
-        for check in (tm.check_matmul, tm.check_int8_matmul):
+    for case in kc.MATMUL_CASES[:1] if small else kc.MATMUL_CASES:
+        for check in (kc.check_matmul, kc.check_int8_matmul):
             report.record_check(
                 f"{check.__name__.removeprefix('check_')} {case}",
                 lambda c=case, f=check: f(c, backend="gpu", interpret=interpret),
             )
-    flash = _flash_module()
-    if flash is None:
+    if _flash_module() is None:
         return
-    cases = [(2, 128, 4, 2, 64, "float32", 0)]
+    # The small-tile cases of the kernel tests, then two at the GPU's default tiles.
+    cases = kc.GPU_FLASH_CASES[:1]
     if not small:
-        cases += [(2, 300, 8, 2, 128, "float32", 96), (1, 512, 8, 8, 128, "bfloat16", 0)]
-    for b, t, n, k, h, dtype, window in cases:
-        name = f"flash b{b}t{t}n{n}k{k}h{h}-{dtype}-w{window}"
+        cases = kc.GPU_FLASH_CASES + [kc.FlashCase(**c) for c in GPU_FLASH_DEFAULT_TILES]
+    for case in cases:
         report.record_check(
-            name, lambda a=(b, t, n, k, h, dtype, window): _check_flash(flash, *a, interpret)
+            f"flash {case}", lambda c=case: kc.check_gpu_flash(c, interpret=interpret)
         )
 
 
@@ -109,41 +107,6 @@ def _flash_module():
     except ImportError as e:
         print(f"[SKIP] flash attention: qwen_jax.kernels.flash_attention_gpu missing ({e})")
         return None
-
-
-def _check_flash(flash, b, t, n, k, h, dtype, window, interpret):
-    """Forward and VJP vs the model's XLA attention, two packed documents per row + padding."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from test_kernels_decode import TOL, assert_close
-
-    from qwen_jax.model.attention import attention_mask, xla_attention
-
-    rng = np.random.default_rng(t)
-    q, do = (jnp.asarray(rng.standard_normal((b, t, n, h)), dtype) for _ in range(2))
-    kk, v = (jnp.asarray(rng.standard_normal((b, t, k, h)), dtype) for _ in range(2))
-    seg = np.ones((b, t), np.int32)
-    seg[:, t // 3 :] = 2
-    seg[:, t - t // 8 :] = 0  # right padding
-    seg = jnp.asarray(seg)
-    slot = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-
-    def ref(q, kk, v):
-        # fp32 throughout at full precision: the 1e-5 tolerance must not measure TF32.
-        with jax.default_matmul_precision("float32"):
-            f32 = [x.astype(jnp.float32) for x in (q, kk, v)]
-            return xla_attention(*f32, attention_mask(slot, seg, seg, window))
-
-    def kern(q, kk, v):
-        return flash.flash_attention(q, kk, v, seg, window=window, interpret=interpret)
-
-    o, vjp = jax.vjp(kern, q, kk, v)
-    o_ref, vjp_ref = jax.vjp(ref, q, kk, v)
-    tol = TOL[dtype]
-    assert_close(o, o_ref, tol, "flash o")
-    for name, g, g_ref in zip(("dq", "dk", "dv"), vjp(do), vjp_ref(do.astype(jnp.float32))):
-        assert_close(g, g_ref, tol, f"flash {name}")
 
 
 # --------------------------------------------------------------------------------- timings
@@ -263,12 +226,13 @@ def time_flash(timer: Timer, small: bool):
 
     # The yardstick is fp32 attention at full precision; an implementation may be off by bf16
     # rounding, bounded by 2e-2 or three times XLA's own bf16 error, whichever is larger.
-    with jax.default_matmul_precision("float32"):
+    xla_fwd, xla_fwd_bwd = jax.jit(impls["xla"]), jax.jit(fwd_bwd(impls["xla"]))
+    with jax.default_matmul_precision("float32"):  # precision is part of jit's cache key
         up = [x.astype(jnp.float32) for x in (q, k, v, do)]
-        ref_o = jax.jit(impls["xla"])(*up[:3])
-        ref_g = jax.jit(fwd_bwd(impls["xla"]))(*up)
-    tol_o = max(2e-2, 3 * _rel_err(jax.jit(impls["xla"])(q, k, v), ref_o))
-    xla_g = jax.jit(fwd_bwd(impls["xla"]))(q, k, v, do)
+        ref_o = xla_fwd(*up[:3])
+        ref_g = xla_fwd_bwd(*up)
+    tol_o = max(2e-2, 3 * _rel_err(xla_fwd(q, k, v), ref_o))
+    xla_g = xla_fwd_bwd(q, k, v, do)
     tol_g = max(2e-2, 3 * max(_rel_err(g, r) for g, r in zip(xla_g, ref_g)))
     for impl, f in impls.items():
         pallas = impl == "pallas"

@@ -21,34 +21,33 @@ import sys
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def check_decode() -> dict:
-    import test_decode_dispatch as td
-
     from qwen_jax.infer.engine import Engine
     from qwen_jax.model.factory import create_model
+    from qwen_jax.testing import generation as g
 
-    want = td.xla_greedy(2)
-    model = create_model(td.cfg_for(2, "pallas"), seed=3)
-    got = Engine(model).generate(td.PROMPTS, max_new_tokens=td.NEW)
-    td.assert_same_generation(got, want)
+    want = g.xla_greedy(2)
+    model = create_model(g.decode_config(2, "pallas"), seed=3)
+    got = Engine(model).generate(g.PROMPTS, max_new_tokens=g.DECODE_NEW)
+    g.assert_same_generation(got, want)
     err = max(abs(a - b) for g, w in zip(got, want) for a, b in zip(g.logprobs, w.logprobs))
     return {"name": "engine decode pallas == xla", "max_abs_logprob_err": err}
 
 
 def check_matmul() -> dict:
     import jax
-    import test_attention_dispatch as ta
 
     from qwen_jax.model.factory import create_model
+    from qwen_jax.testing.batches import packed_batch
+    from qwen_jax.testing.configs import tiny_dispatch
+    from qwen_jax.testing.model_parity import assert_matches_xla
 
-    cfg = ta.tiny()
-    err = ta.assert_matches_xla(cfg, dict(matmul_impl="pallas"), 2, 24)
+    cfg = tiny_dispatch()
+    err = assert_matches_xla(cfg, dict(matmul_impl="pallas"), 2, 24)
     row = {"name": "model matmul pallas == xla", "max_abs_logit_err": err}
     model = create_model(cfg.replace(matmul_impl="pallas"))
-    tokens, pos, _ = ta.packed_batch(2, 24, cfg.vocab_size)
+    tokens, pos, _ = packed_batch(2, 24, cfg.vocab_size)
     if jax.default_backend() == "gpu":  # the pallas side must really hold Triton kernels
         from flax import nnx
 
@@ -65,8 +64,6 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(ROOT / "tests"))
-    sys.path.insert(0, str(ROOT))
     import jax
 
     rows, ok = [{"platform": jax.default_backend(), "device": str(jax.devices()[0])}], True

@@ -4,7 +4,8 @@ On an H100/H200 host (jax with CUDA):
     python scripts/gpu_model_check.py --out gpu_model_check.json
 CPU smoke test (interpret mode, tiny timing shape): add --interpret --small.
 
-1. Parity: the tiny GQA + window + packed-rows case of tests/test_attention_dispatch.py, logits
+1. Parity: the tiny GQA + window + packed-rows case of tests/test_attention_dispatch.py (through
+   qwen_jax.testing.model_parity), logits
    and parameter gradients of impl="pallas" against impl="xla" at that test's tolerances, with
    fp32 matmuls at full precision (no TF32) on both sides.
 2. Timing: the full train step (forward, backward, clip, AdamW; bf16 compute, fp32 master
@@ -25,17 +26,15 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def parity() -> dict:
     import jax
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    import test_attention_dispatch as t
+    from qwen_jax.testing.configs import tiny_dispatch
+    from qwen_jax.testing.model_parity import assert_matches_xla
 
     with jax.default_matmul_precision("float32"):
-        err = t.assert_matches_xla(t.tiny(), dict(attention_impl="pallas"), 3, 40)
+        err = assert_matches_xla(tiny_dispatch(), dict(attention_impl="pallas"), 3, 40)
     return {"name": "model pallas == xla (tiny, GQA, window, packed)", "max_abs_logit_err": err}
 
 
@@ -46,8 +45,9 @@ def time_train_step(impl: str, batch: int, seq: int, small: bool) -> dict:
 
     from qwen_jax.model import config as C
     from qwen_jax.model.factory import create_model
+    from qwen_jax.train.objectives import LMObjective
     from qwen_jax.train.optim import OptimConfig, make_optimizer
-    from qwen_jax.train.step import StepConfig, init_state, make_train_step
+    from qwen_jax.train.step import init_state, make_train_step
 
     layers = dict(num_layers=4, dtype="bfloat16", param_dtype="float32", attention_impl=impl)
     if small:
@@ -57,7 +57,7 @@ def time_train_step(impl: str, batch: int, seq: int, small: bool) -> dict:
     model = create_model(cfg)
     graphdef, _ = nnx.split(model)
     tx = make_optimizer(OptimConfig(peak_lr=1e-4, warmup_steps=1, total_steps=100))
-    step = jax.jit(make_train_step(graphdef, tx, StepConfig(loss_chunk=512)), donate_argnums=0)
+    step = jax.jit(make_train_step(graphdef, tx, LMObjective(chunk=512)), donate_argnums=0)
     state = init_state(model, tx)
     del model
     rng = np.random.default_rng(0)

@@ -13,3 +13,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+
+import pytest  # noqa: E402  (after the environment above)
+
+
+@pytest.fixture(scope="session")
+def demo_assets(tmp_path_factory):
+    """(data_dir, spm model): the demo corpus and a 1024-piece vocab, built once per session."""
+    from qwen_jax.testing.demo_assets import build_demo_assets
+
+    return build_demo_assets(tmp_path_factory.mktemp("demo_assets"))

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from qwen_jax.testing.experiments import EXPERIMENTS
 from qwen_jax.train.aot import compile_for_topology, topology_devices
-from qwen_jax.train.config import TrainConfig
-from tests.test_trainer import EXPERIMENTS, load_experiment
+from qwen_jax.train.config import TrainConfig, load_experiment
 
 FULL_SIZE = [p for p in EXPERIMENTS if load_experiment(p).model.preset != "tiny"]
 

@@ -10,7 +10,7 @@ from transformers import Qwen2ForCausalLM
 
 from qwen_jax.checkpoint import CheckpointError, load_hf, load_model, save_hf, save_params
 from qwen_jax.cli import main as cli_main
-from tests.hf_reference import hf_logits, make_hf_model, save_as_qwen_v1
+from qwen_jax.testing.hf_reference import hf_logits, make_hf_model, save_as_qwen_v1
 
 ATOL = 1e-4
 

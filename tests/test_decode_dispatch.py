@@ -13,68 +13,44 @@ fsdp, heads over tensor) the shard_map'd kernel must give the unsharded XLA answ
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from qwen_jax import sharding
 from qwen_jax.infer.engine import Engine
-from qwen_jax.model import config as C
+from qwen_jax.model.cache import KVCache
 from qwen_jax.model.factory import create_model
-from qwen_jax.model.transformer import init_cache
-
-ATOL_LOGPROBS = 1e-5  # issue 5: pallas decode vs xla decode, fp32
-PROMPTS = [[5, 17, 3, 99, 42, 7, 7, 250, 1], [200, 13], [8, 9, 10, 11, 12]]
-NEW = 8
-
-
-def cfg_for(kv_heads: int, impl: str) -> C.QwenConfig:
-    return C.tiny(
-        vocab_size=256,
-        init_std=0.1,
-        max_position_embeddings=128,
-        num_kv_heads=kv_heads,
-        attn_windows=(5, 0),
-        attention_impl=impl,
-    )
-
-
-@functools.cache
-def xla_greedy(kv_heads: int):
-    model = create_model(cfg_for(kv_heads, "xla"), seed=3)
-    return Engine(model).generate(PROMPTS, max_new_tokens=NEW)
-
-
-def assert_same_generation(got, want):
-    for r, w in zip(got, want):
-        assert r.token_ids == w.token_ids
-        np.testing.assert_allclose(r.logprobs, w.logprobs, atol=ATOL_LOGPROBS, rtol=0)
+from qwen_jax.testing.generation import (
+    DECODE_NEW,
+    PROMPTS,
+    assert_same_generation,
+    decode_config,
+    xla_greedy,
+)
 
 
 def test_decode_step_runs_the_kernel_and_prefill_does_not():
     """The wiring itself: a cached T == 1 call contains the Pallas kernel, a cached T > 1 call
     (prefill) and every impl="xla" call do not."""
-    cfg = cfg_for(2, "pallas")
+    cfg = decode_config(2, "pallas")
     model = create_model(cfg, seed=3)
 
     def kernels_in(model, t):
-        cache = init_cache(model.cfg, 2, 32)
+        cache = KVCache.init(model.cfg, 2, 32)
         jaxpr = jax.make_jaxpr(lambda tok: model(tok, cache=cache)[0])(jnp.ones((2, t), jnp.int32))
         return str(jaxpr).count("pallas_call")
 
-    assert kernels_in(model, 1) == 1  # one call inside the layer scan
+    assert kernels_in(model, 1) == 1  # the kernel (its jaxpr is printed once for all layers)
     assert kernels_in(model, 4) == 0
     assert kernels_in(create_model(cfg.replace(attention_impl="xla"), seed=3), 1) == 0
 
 
 def test_engine_pallas_decode_matches_xla():
     want = xla_greedy(2)
-    assert all(len(r.token_ids) == NEW for r in want)
-    model = create_model(cfg_for(2, "pallas"), seed=3)
-    assert_same_generation(Engine(model).generate(PROMPTS, max_new_tokens=NEW), want)
+    assert all(len(r.token_ids) == DECODE_NEW for r in want)
+    model = create_model(decode_config(2, "pallas"), seed=3)
+    assert_same_generation(Engine(model).generate(PROMPTS, max_new_tokens=DECODE_NEW), want)
 
 
 @pytest.mark.slow
@@ -88,6 +64,6 @@ def test_engine_pallas_decode_matches_xla():
 )
 def test_engine_pallas_decode_under_mesh_matches_unsharded_xla(mesh_cfg):
     mesh = sharding.make_mesh(mesh_cfg)
-    model = create_model(cfg_for(2, "pallas"), seed=3, mesh=mesh)
+    model = create_model(decode_config(2, "pallas"), seed=3, mesh=mesh)
     eng = Engine(model, mesh=mesh)
-    assert_same_generation(eng.generate(PROMPTS, max_new_tokens=NEW), xla_greedy(2))
+    assert_same_generation(eng.generate(PROMPTS, max_new_tokens=DECODE_NEW), xla_greedy(2))

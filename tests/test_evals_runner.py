@@ -1,5 +1,5 @@
-"""End-to-end runs through the runner and `qwen-jax eval`, with fake models (the inference
-engine's adapter is not written yet), plus resume, malformed inputs and C-Eval's files."""
+"""End-to-end runs through the runner and `qwen-jax eval`, with fake models (the engine's
+adapter runs in test_evals_end_to_end.py), plus resume, malformed inputs and C-Eval's files."""
 
 import csv
 import json
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from qwen_jax import cli
+from qwen_jax.evals import cli as evals_cli
 from qwen_jax.evals import gsm8k, model_api, runner
 from qwen_jax.evals.ceval import CEVAL_SUBJECTS
 from qwen_jax.evals.data import read_records, write_jsonl
@@ -159,7 +160,7 @@ def test_cli_end_to_end_every_benchmark(full_data_dir, tmp_path, monkeypatch, ca
     """`qwen-jax eval run` over 3 items of every benchmark, base then chat: completes, writes
     the table and every sample (near-zero scores expected from the constant model)."""
     model = ConstantModel("    return None\n")
-    monkeypatch.setattr(model_api, "load_eval_model", lambda path: model)
+    monkeypatch.setattr(evals_cli, "load_model", lambda args: model)
     out = tmp_path / "out"
     args = ["eval", "run", "--checkpoint", str(tmp_path), "--benchmarks", ",".join(BENCHMARKS)]
     args += ["--data-dir", str(full_data_dir), "--limit", "3", "--out", str(out)]

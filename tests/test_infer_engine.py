@@ -25,7 +25,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def engine(model):
-    return Engine(model)
+    return Engine(model, donate=False)  # the tests use `model` too
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +78,10 @@ def test_buckets():
 def test_long_prompt_is_prefilled_in_chunks(monkeypatch, model):
     """Chunked prefill (chunk 16 here) gives the same tokens as one-shot prefill."""
     prompt = np.random.default_rng(0).integers(0, 256, size=40).tolist()
-    one_shot = Engine(model).generate([prompt], max_new_tokens=4)[0]
+    one_shot = Engine(model, donate=False).generate([prompt], max_new_tokens=4)[0]
     monkeypatch.setattr(E, "CHUNK", 16)
     assert E.bucket_length(40) == 48
-    chunked = Engine(model).generate([prompt], max_new_tokens=4)[0]
+    chunked = Engine(model, donate=False).generate([prompt], max_new_tokens=4)[0]
     assert chunked.token_ids == one_shot.token_ids
     np.testing.assert_allclose(chunked.logprobs, one_shot.logprobs, atol=ATOL, rtol=0)
 
@@ -110,7 +110,7 @@ def test_streaming_reports_every_token_in_order(engine, greedy):
 
 
 def test_context_budget(model):
-    eng = Engine(model, max_context=20)
+    eng = Engine(model, max_context=20, donate=False)
     res = eng.generate([[1] * 15, [2] * 5], max_new_tokens=50)
     assert [len(r.token_ids) for r in res] == [5, 15]  # clipped to the context, per row
     assert all(r.finish_reason == "length" for r in res)
@@ -166,7 +166,7 @@ def test_sharded_engine_matches_unsharded(greedy):
         assert r.token_ids == g.token_ids
         np.testing.assert_allclose(r.logprobs, g.logprobs, atol=ATOL, rtol=0)
     logits, cache, *_ = eng.prefill(PROMPTS + [[1]] * 5)
-    assert cache["k"].sharding.spec[1:4] == ("fsdp", None, "tensor")
+    assert cache.k[0].sharding.spec[0:3] == ("fsdp", None, "tensor")
 
 
 def test_engine_holds_per_layer_weights_and_rebuilds_the_model_exactly(model, engine):

@@ -7,7 +7,7 @@ import torch
 
 from qwen_jax.checkpoint.hf import load_hf
 from qwen_jax.infer.engine import Engine
-from tests.hf_reference import make_hf_model
+from qwen_jax.testing.hf_reference import make_hf_model
 
 ATOL = 1e-4
 NEW = 12

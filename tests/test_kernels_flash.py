@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -28,139 +27,38 @@ from qwen_jax.kernels.flash_attention_common import (
     tile_visible,
 )
 from qwen_jax.model.attention import attention_mask, xla_attention
-
-TOL = {"float32": 1e-5, "bfloat16": 2e-2}
-
-
-def assert_close(actual, expected, rel: float, what: str = "") -> None:
-    """Max-norm relative error: max|a - e| <= rel * max|e|. Non-finite values always fail."""
-    actual = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
-    expected = np.asarray(jnp.asarray(expected, jnp.float32), np.float64)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    assert np.isfinite(actual).all(), f"{what}: {np.sum(~np.isfinite(actual))} non-finite values"
-    assert np.isfinite(expected).all(), f"{what}: reference has non-finite values"
-    err = np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30)
-    assert err <= rel, f"{what}: relative error {err:.3g} > {rel:g}"
+from qwen_jax.testing.kernel_cases import (
+    FLASH_CASES,
+    FlashCase,
+    flash_inputs,
+    flash_kernel_and_vjp,
+    flash_reference_and_vjp,
+    numpy_attention,
+)
+from qwen_jax.testing.tolerance import KERNEL_TOL, assert_close
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """q [b, t, k*g, h], k/v [b, t, k, h]; window 0 = unlimited."""
-
-    b: int
-    t: int
-    k: int
-    g: int
-    h: int
-    dtype: str
-    window: int
-    seed: int
-    blocks: bsz.FlashBlockSizes | None = None  # None: the CPU defaults (128 everywhere)
-
-    def __str__(self):
-        return f"b{self.b}t{self.t}k{self.k}g{self.g}h{self.h}-{self.dtype}-w{self.window}"
-
-
-MIXED = bsz.FlashBlockSizes(256, 128, 128, 256, 256, 128)
-CASES = [
-    Case(b=2, t=200, k=2, g=2, h=32, dtype="float32", window=0, seed=0),
-    Case(b=1, t=256, k=1, g=2, h=128, dtype="float32", window=50, seed=1),
-    Case(b=2, t=300, k=2, g=3, h=64, dtype="float32", window=130, seed=2, blocks=MIXED),
-    Case(b=2, t=250, k=2, g=1, h=128, dtype="bfloat16", window=0, seed=3),
-    Case(b=1, t=384, k=1, g=3, h=64, dtype="bfloat16", window=200, seed=4, blocks=MIXED),
-]
-
-
-def make_segments(b: int, t: int, rng) -> np.ndarray:
-    """1-4 packed documents per row, numbered from 1; rows alternate right / left padding."""
-    seg = np.zeros((b, t), np.int32)
-    for row in range(b):
-        pad = int(rng.integers(1, t // 8))
-        docs = int(rng.integers(1, 5))
-        cuts = np.sort(rng.choice(np.arange(1, t - pad), docs - 1, replace=False))
-        ids = np.searchsorted(cuts, np.arange(t - pad), side="right") + 1
-        if row % 2:
-            seg[row, pad:] = ids  # left padding (prefill of a left-padded batch)
-        else:
-            seg[row, : t - pad] = ids
-    return seg
-
-
-def make_inputs(case: Case):
-    rng = np.random.default_rng(case.seed)
-    dt = jnp.dtype(case.dtype)
-    q = jnp.asarray(rng.standard_normal((case.b, case.t, case.k * case.g, case.h)), dt)
-    k = jnp.asarray(rng.standard_normal((case.b, case.t, case.k, case.h)), dt)
-    v = jnp.asarray(rng.standard_normal((case.b, case.t, case.k, case.h)), dt)
-    do = jnp.asarray(rng.standard_normal(q.shape), dt)
-    return q, k, v, jnp.asarray(make_segments(case.b, case.t, rng)), do
-
-
-def numpy_attention(q, k, v, seg, window):
-    """float64 loops: softmax over the visible keys; padding queries average all keys."""
-    q, k, v = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k, v))
-    seg = np.asarray(seg)
-    b, t, n, h = q.shape
-    g = n // k.shape[2]
-    out = np.zeros(q.shape)
-    for bi in range(b):
-        for ti in range(t):
-            keys = np.arange(t)
-            vis = (keys <= ti) & (seg[bi] == seg[bi, ti]) & (seg[bi] != 0)
-            if window:
-                vis &= ti - keys < window
-            for ni in range(n):
-                if not vis.any():  # all-masked row: uniform softmax, like the XLA path
-                    out[bi, ti, ni] = v[bi, :, ni // g].mean(0)
-                    continue
-                s = k[bi, vis, ni // g] @ q[bi, ti, ni] / np.sqrt(h)
-                p = np.exp(s - s.max())
-                out[bi, ti, ni] = p @ v[bi, vis, ni // g] / p.sum()
-    return out
-
-
-def _kernel_and_vjp(q, k, v, seg, do, window, blocks):
-    @jax.jit
-    def run(q, k, v, seg, do, window):
-        def f(q, k, v):
-            return fa.flash_attention(
-                q, k, v, seg, window=window, block_sizes=blocks, interpret=True
-            )
-
-        o, vjp = jax.vjp(f, q, k, v)
-        return o, vjp(do)
-
-    return run(q, k, v, seg, do, jnp.int32(window))  # window traced, as in the layer scan
-
-
-def _reference_and_vjp(q, k, v, seg, do, window):
-    """The reference in fp32 from the (possibly bf16-rounded) inputs."""
-    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    o, vjp = jax.vjp(lambda q, k, v: flash_attention_reference(q, k, v, seg, window=window), *f32)
-    return o, vjp(do.astype(jnp.float32))
-
-
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", FLASH_CASES, ids=str)
 def test_kernel_matches_reference(case):
-    q, k, v, seg, do = make_inputs(case)
-    o, grads = _kernel_and_vjp(q, k, v, seg, do, case.window, case.blocks)
-    o_ref, grads_ref = _reference_and_vjp(q, k, v, seg, do, case.window)
+    q, k, v, seg, do = flash_inputs(case)
+    o, grads = flash_kernel_and_vjp(q, k, v, seg, do, case.window, case.blocks)
+    o_ref, grads_ref = flash_reference_and_vjp(q, k, v, seg, do, case.window)
     assert o.dtype == q.dtype and o.shape == q.shape
-    tol = TOL[case.dtype]
+    tol = KERNEL_TOL[case.dtype]
     assert_close(o, o_ref, tol, f"forward {case}")
     for name, got, want in zip("dq dk dv".split(), grads, grads_ref):
         assert got.dtype == q.dtype
         assert_close(got, want, tol, f"{name} {case}")
 
 
-@pytest.mark.parametrize("case", CASES[:3], ids=str)
+@pytest.mark.parametrize("case", FLASH_CASES[:3], ids=str)
 def test_reference_matches_numpy_and_model(case):
-    q, k, v, seg, _ = make_inputs(case)
+    q, k, v, seg, _ = flash_inputs(case)
     ref = flash_attention_reference(q, k, v, seg, window=case.window)
-    assert_close(ref, numpy_attention(q, k, v, seg, case.window), TOL[case.dtype], str(case))
+    assert_close(ref, numpy_attention(q, k, v, seg, case.window), KERNEL_TOL[case.dtype], str(case))
     slots = jnp.broadcast_to(jnp.arange(case.t), seg.shape)
     mask = attention_mask(slots, seg, seg, case.window)
-    assert_close(ref, xla_attention(q, k, v, mask), TOL[case.dtype], f"model {case}")
+    assert_close(ref, xla_attention(q, k, v, mask), KERNEL_TOL[case.dtype], f"model {case}")
 
 
 @pytest.mark.parametrize("bq,bk", [(128, 128), (256, 128), (128, 256), (32, 16)])
@@ -182,12 +80,12 @@ def test_block_bands_are_exactly_the_visible_tiles(bq, bk):
 
 def test_separate_kv_segment_ids():
     """kv_segment_ids_bt may differ from the query ids (the dispatch passes both)."""
-    case = Case(b=1, t=130, k=1, g=2, h=32, dtype="float32", window=0, seed=7)
-    q, k, v, seg, _ = make_inputs(case)
+    case = FlashCase(b=1, t=130, k=1, g=2, h=32, dtype="float32", window=0, seed=7)
+    q, k, v, seg, _ = flash_inputs(case)
     kv_seg = seg.at[:, ::3].set(0)  # hide every third key
     out = fa.flash_attention(q, k, v, seg, kv_segment_ids_bt=kv_seg, interpret=True)
     want = flash_attention_reference(q, k, v, seg, kv_segment_ids_bt=kv_seg)
-    assert_close(out, want, TOL["float32"])
+    assert_close(out, want, KERNEL_TOL["float32"])
 
 
 def test_unwritten_block_fails(monkeypatch):
@@ -201,8 +99,8 @@ def test_unwritten_block_fails(monkeypatch):
             o_ref[...] = q_ref[...]
 
     monkeypatch.setattr(fa, "_fwd_kernel", lazy)
-    case = Case(b=1, t=256, k=1, g=1, h=32, dtype="float32", window=0, seed=8)
-    q, k, v, seg, _ = make_inputs(case)
+    case = FlashCase(b=1, t=256, k=1, g=1, h=32, dtype="float32", window=0, seed=8)
+    q, k, v, seg, _ = flash_inputs(case)
     out = np.asarray(fa.flash_attention.__wrapped__(q, k, v, seg, interpret=True))
     np.testing.assert_array_equal(out[:, :128], np.asarray(q[:, :128]))
     assert np.isnan(out[:, 128:]).all()

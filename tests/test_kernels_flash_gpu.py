@@ -4,7 +4,8 @@ On CPU the kernels run in Pallas interpret mode against the same reference, case
 tolerances as the TPU kernel (tests/test_kernels_flash.py), with poisoned outputs; and the whole
 forward+backward is lowered for CUDA (Pallas -> Triton IR) without a GPU, which catches Triton
 restrictions (tile shapes, ops) before a GPU ever sees the code. On a GPU machine the `gpu` test
-runs the compiled kernels (scripts/gpu_check.py also checks and times them there).
+runs the compiled kernels (`check_gpu_flash` in qwen_jax.testing.kernel_cases, the check that
+scripts/gpu_check.py also runs there).
 """
 
 from __future__ import annotations
@@ -17,43 +18,12 @@ import pytest
 
 from qwen_jax.kernels import block_sizes as bsz
 from qwen_jax.kernels import flash_attention_gpu as fg
-from tests.test_kernels_flash import TOL, Case, _reference_and_vjp, assert_close, make_inputs
-
-# Small tiles so every case spans several tiles in both loops; fwd/bwd tiles differ on purpose.
-SMALL = bsz.FlashBlockSizes(32, 16, 16, 32, 32, 16)
-CASES = [
-    # head dim 24 is padded to 32 inside; length 100 is padded to 128
-    Case(b=2, t=100, k=2, g=2, h=24, dtype="float32", window=0, seed=10, blocks=SMALL),
-    Case(b=1, t=96, k=1, g=3, h=32, dtype="bfloat16", window=20, seed=11, blocks=SMALL),
-]
+from qwen_jax.testing.kernel_cases import GPU_FLASH_CASES, check_gpu_flash
 
 
-def check_gpu_kernel(case: Case, *, interpret: bool) -> None:
-    """Forward and q/k/v gradients against the fp32 reference (shared with gpu_check)."""
-    q, k, v, seg, do = make_inputs(case)
-
-    @jax.jit
-    def run(q, k, v, seg, do, window):
-        def f(q, k, v):
-            return fg.flash_attention(
-                q, k, v, seg, window=window, block_sizes=case.blocks, interpret=interpret
-            )
-
-        o, vjp = jax.vjp(f, q, k, v)
-        return o, vjp(do)
-
-    o, grads = run(q, k, v, seg, do, jnp.int32(case.window))
-    o_ref, grads_ref = _reference_and_vjp(q, k, v, seg, do, case.window)
-    tol = TOL[case.dtype]
-    assert o.dtype == q.dtype and o.shape == q.shape
-    assert_close(o, o_ref, tol, f"gpu forward {case}")
-    for name, got, want in zip("dq dk dv".split(), grads, grads_ref):
-        assert_close(got, want, tol, f"gpu {name} {case}")
-
-
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", GPU_FLASH_CASES, ids=str)
 def test_interpret_matches_reference(case):
-    check_gpu_kernel(case, interpret=True)
+    check_gpu_flash(case, interpret=True)
 
 
 @pytest.mark.parametrize("head_dim", [128, 80])
@@ -81,9 +51,9 @@ def test_rejects_non_power_of_two_blocks():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", GPU_FLASH_CASES, ids=str)
 def test_compiled_matches_reference_on_gpu(case):
     if jax.default_backend() != "gpu":
         pytest.skip("needs a GPU")
-    check_gpu_kernel(dataclasses.replace(case, blocks=None), interpret=False)
-    check_gpu_kernel(case, interpret=False)
+    check_gpu_flash(dataclasses.replace(case, blocks=None), interpret=False)
+    check_gpu_flash(case, interpret=False)

@@ -3,107 +3,31 @@
 Forward and backward (the custom VJP runs the same kernel with transposed operands) in interpret
 mode for both Pallas bodies; shapes are not multiples of the blocks, so the padding path and
 several blocks along every axis are exercised. Interpreter outputs start as NaN (see
-test_kernels_decode.py) and `assert_close` rejects non-finite values. scripts/gpu_check.py
-imports `CASES` / `check_matmul` and runs the same assertions compiled for a real GPU.
+test_kernels_decode.py) and `assert_close` rejects non-finite values. The cases and checks live
+in qwen_jax.testing.kernel_cases; scripts/gpu_check.py runs them compiled for a real GPU.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import export
-from test_kernels_decode import TOL, assert_close
 
 from qwen_jax.kernels import matmul as mm
-
-# Small tiles: every case spans several blocks along M, N and K.
-TEST_BLOCKS = {
-    "tpu": mm.MatmulBlockSizes(128, 128, 128),
-    "gpu": mm.MatmulBlockSizes(32, 64, 32, num_warps=4, num_stages=2),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """x [*lead, k] @ w [k, n]."""
-
-    lead: tuple[int, ...]
-    k: int
-    n: int
-    dtype: str
-    seed: int
-
-    def __str__(self):
-        return f"{'x'.join(map(str, self.lead))}x{self.k}x{self.n}-{self.dtype}"
-
-
-CASES = [
-    Case(lead=(40,), k=300, n=200, dtype="float32", seed=0),
-    Case(lead=(2, 20), k=256, n=384, dtype="bfloat16", seed=1),
-]
-
-
-def _rounded(rng, shape, dtype, scale=1.0):
-    x = rng.standard_normal(shape) * scale
-    return np.asarray(jnp.asarray(x, dtype).astype(jnp.float32), np.float64)
-
-
-def check_matmul(case: Case, *, backend: str, interpret, block_sizes=None) -> None:
-    """y = x @ w and its VJP (dx, dw) for a random cotangent c, against float64 numpy."""
-    rng = np.random.default_rng(case.seed)
-    dt, tol = jnp.dtype(case.dtype), TOL[case.dtype]
-    x = _rounded(rng, (*case.lead, case.k), dt)
-    w = _rounded(rng, (case.k, case.n), dt, case.k**-0.5)
-    c = _rounded(rng, (*case.lead, case.n), dt)
-    fn = lambda x, w: mm.matmul(  # noqa: E731
-        x, w, block_sizes=block_sizes or TEST_BLOCKS[backend], backend=backend, interpret=interpret
-    )
-    y, vjp = jax.vjp(fn, jnp.asarray(x, dt), jnp.asarray(w, dt))
-    dx, dw = vjp(jnp.asarray(c, dt))
-    x2, c2 = x.reshape(-1, case.k), c.reshape(-1, case.n)
-    assert y.dtype == dt and dx.dtype == dt and dw.dtype == dt
-    assert_close(y, x @ w, tol, f"matmul y {backend} {case}")
-    assert_close(dx, c @ w.T, tol, f"matmul dx {backend} {case}")
-    assert_close(dw, x2.T @ c2, tol, f"matmul dw {backend} {case}")
-
-
-def check_int8_matmul(case: Case, *, backend: str, interpret, block_sizes=None) -> None:
-    """y = (x @ wq) * scale and its VJP in x and scale, against float64 numpy."""
-    rng = np.random.default_rng(case.seed + 100)
-    dt, tol = jnp.dtype(case.dtype), TOL[case.dtype]
-    x = _rounded(rng, (*case.lead, case.k), dt)
-    wq, scale = mm.quantize_int8(jnp.asarray(rng.standard_normal((case.k, case.n)), jnp.float32))
-    c = _rounded(rng, (*case.lead, case.n), dt)
-    fn = lambda x, s: mm.int8_matmul(  # noqa: E731
-        x,
-        wq,
-        s,
-        block_sizes=block_sizes or TEST_BLOCKS[backend],
-        backend=backend,
-        interpret=interpret,
-    )
-    y, vjp = jax.vjp(fn, jnp.asarray(x, dt), scale)
-    dx, dscale = vjp(jnp.asarray(c, dt))
-    wq64, s64 = np.asarray(wq, np.float64), np.asarray(scale, np.float64)
-    x2, c2 = x.reshape(-1, case.k), c.reshape(-1, case.n)
-    assert y.dtype == dt and dx.dtype == dt and dscale.dtype == jnp.float32
-    assert_close(y, (x @ wq64) * s64, tol, f"int8 y {backend} {case}")
-    assert_close(dx, (c * s64) @ wq64.T, tol, f"int8 dx {backend} {case}")
-    assert_close(dscale, np.sum(c2 * (x2 @ wq64), axis=0), tol, f"int8 dscale {backend} {case}")
+from qwen_jax.testing.kernel_cases import MATMUL_CASES, check_int8_matmul, check_matmul
+from qwen_jax.testing.tolerance import assert_close
 
 
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", MATMUL_CASES, ids=str)
 def test_matmul_and_grads_match_numpy(case, backend):
     check_matmul(case, backend=backend, interpret=True)
 
 
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", MATMUL_CASES, ids=str)
 def test_int8_matmul_and_grads_match_numpy(case, backend):
     check_int8_matmul(case, backend=backend, interpret=True)
 

@@ -178,7 +178,7 @@ def test_decoding_holds_the_prefill_alpha(model, params, windows):
     view = with_long_context(model, windows=windows)
     prompts = [_tokens(12, seed=3), _tokens(21, seed=4)]
     new = 14
-    res = Engine(view).generate(prompts, max_new_tokens=new)
+    res = Engine(view, donate=False).generate(prompts, max_new_tokens=new)  # model is shared
     moved = 0.0
     for prompt, out in zip(prompts, res):
         alpha = ref_ntk_alpha(len(prompt), S)

@@ -21,19 +21,21 @@ from qwen_jax import sharding
 from qwen_jax.model import config as C
 from qwen_jax.model import dispatch
 from qwen_jax.model.factory import create_model
+from qwen_jax.testing.configs import tiny_dispatch
+from qwen_jax.testing.model_parity import assert_matches_xla
+from qwen_jax.testing.tolerance import assert_grads_close
 from qwen_jax.train.losses import chunked_cross_entropy
-from tests.test_attention_dispatch import assert_grads_close, assert_matches_xla, tiny
 
 
 def test_pallas_matmul_model_matches_xla():
-    assert_matches_xla(tiny(), dict(matmul_impl="pallas"), 2, 24)
+    assert_matches_xla(tiny_dispatch(), dict(matmul_impl="pallas"), 2, 24)
 
 
 def test_pallas_matmul_tied_head_and_dp_mesh_match_xla():
     """Tied embeddings, batch 8 split 8 ways over a data-parallel mesh."""
     mesh = sharding.make_mesh("dp")
     assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
-    cfg = tiny(tie_embeddings=True)
+    cfg = tiny_dispatch(tie_embeddings=True)
     assert_matches_xla(cfg, dict(matmul_impl="pallas"), 8, 16, seed=2, mesh=mesh)
 
 
@@ -63,7 +65,7 @@ def test_pallas_matmul_loss_matches_xla():
     ids=["2x2x2", "fsdp2"],
 )
 def test_sharded_weights_are_refused(mesh_cfg):
-    cfg = tiny(matmul_impl="pallas")
+    cfg = tiny_dispatch(matmul_impl="pallas")
     mesh = sharding.make_mesh(mesh_cfg)
     model = create_model(cfg, mesh=mesh)
     tokens = jnp.zeros((4, 8), jnp.int32)

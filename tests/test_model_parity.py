@@ -6,7 +6,7 @@ import pytest
 
 from qwen_jax.checkpoint.hf import load_hf
 from qwen_jax.model.transformer import positions_from_mask
-from tests.hf_reference import hf_logits, make_hf_model, save_as_qwen_v1
+from qwen_jax.testing.hf_reference import hf_logits, make_hf_model, save_as_qwen_v1
 
 ATOL = 1e-4  # design.md §4: fp32 logits, never relaxed
 

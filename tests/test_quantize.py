@@ -23,23 +23,15 @@ from qwen_jax.model import config as C
 from qwen_jax.model.factory import create_model
 from qwen_jax.model.quantize import LAYER_DENSE, is_quantized, quantize_int8
 from qwen_jax.sharding import make_mesh, sharding_for
+from qwen_jax.testing.configs import tiny_serving
+from qwen_jax.testing.generation import PROMPTS, assert_same_generation
 
 ATOL_LOGITS = 1e-4
-ATOL_LOGPROBS = 1e-5
-PROMPTS = [[5, 17, 3, 99, 42, 7, 7, 250, 1], [200, 13], [8, 9, 10, 11, 12]]
 NEW = 6
 
 
 def cfg_for(tied: bool = False, impl: str = "xla") -> C.QwenConfig:
-    return C.tiny(
-        vocab_size=256,
-        init_std=0.1,
-        max_position_embeddings=128,
-        num_kv_heads=2,
-        attn_windows=(5, 0),
-        tie_embeddings=tied,
-        matmul_impl=impl,
-    )
+    return tiny_serving(tie_embeddings=tied, matmul_impl=impl)
 
 
 def dense_weights(model):
@@ -95,12 +87,6 @@ def test_quantized_model_equals_float_model_of_dequantized_weights(tied, impl):
     want = jax.jit(lambda t: ref(t)[0])(tokens)
     assert np.isfinite(np.asarray(got)).all()
     np.testing.assert_allclose(got, want, atol=ATOL_LOGITS, rtol=0)
-
-
-def assert_same_generation(got, want):
-    for r, w in zip(got, want):
-        assert r.token_ids == w.token_ids
-        np.testing.assert_allclose(r.logprobs, w.logprobs, atol=ATOL_LOGPROBS, rtol=0)
 
 
 def test_engine_serves_int8_like_the_dequantized_float_model(tmp_path):

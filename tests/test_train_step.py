@@ -14,9 +14,9 @@ from qwen_jax import sharding
 from qwen_jax.model import config as C
 from qwen_jax.train.config import TrainConfig
 from qwen_jax.train.losses import chunked_cross_entropy
+from qwen_jax.train.objectives import ObjectiveConfig
 from qwen_jax.train.optim import OptimConfig, decay_mask, learning_rate
-from qwen_jax.train.step import StepConfig
-from qwen_jax.train.trainer import build_step_functions
+from qwen_jax.train.step import StepConfig, build_steps
 
 
 def _np_ce(h, w, targets, weights, z_loss):
@@ -95,7 +95,8 @@ def _config(mesh: sharding.MeshConfig, microbatches: int = 1) -> TrainConfig:
         model_preset="tiny",
         model_overrides=(("num_kv_heads", 2), ("vocab_size", 128)),
         optim=OptimConfig(peak_lr=1e-2, warmup_steps=2, total_steps=10),
-        step=StepConfig(microbatches=microbatches, loss_chunk=8, z_loss=1e-4),
+        step=StepConfig(microbatches=microbatches),
+        objective=ObjectiveConfig(loss_chunk=8, z_loss=1e-4),
         mesh=mesh,
     )
 
@@ -124,13 +125,13 @@ def _batches(n_steps, b=8, t=16, vocab=128):
 def _losses(config: TrainConfig, devices, steps=4):
     mesh = sharding.make_mesh(config.mesh, devices=devices)
     cfg = config.model_config()
-    _, _, batch_sh, init_fn, train_fn, _ = build_step_functions(config, cfg, mesh)
+    built = build_steps(config, cfg, mesh)
     losses = []
     with jax.set_mesh(mesh):
-        state = init_fn()
+        state = built.init()
         for batch in _batches(steps):
-            batch = {k: jax.device_put(v, batch_sh) for k, v in batch.items()}
-            state, metrics = train_fn(state, batch)
+            batch = {k: jax.device_put(v, built.batch_shardings[k]) for k, v in batch.items()}
+            state, metrics = built.train(state, batch)
             losses.append(float(metrics["loss"]))
     return np.array(losses)
 

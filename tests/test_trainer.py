@@ -3,7 +3,6 @@ damaged checkpoints, config mismatch, multi-host, and every experiment file."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -16,20 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from qwen_jax.testing.experiments import EXPERIMENTS, REPO
 from qwen_jax.train.checkpointing import ConfigMismatchError
-from qwen_jax.train.config import TrainConfig
-from qwen_jax.train.trainer import train
-from tests.train_fixtures import demo_assets  # noqa: F401  (pytest fixture)
-
-REPO = Path(__file__).resolve().parent.parent
-EXPERIMENTS = sorted((REPO / "experiments").rglob("*.py"))
-
-
-def load_experiment(path: Path, arg=None):
-    spec = importlib.util.spec_from_file_location("experiment", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+from qwen_jax.train.config import TrainConfig, load_experiment
+from qwen_jax.train.loop import train
 
 
 def tiny_config(assets, **run) -> TrainConfig:

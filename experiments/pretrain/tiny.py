@@ -12,6 +12,12 @@ Commands:
       --config.data.data_dir=runs/demo/data \
       --config.data.tokenizer=runs/demo/tokenizer/tokenizer.model
   qwen-jax train --config=experiments/pretrain/tiny.py:runlocal ...   # 20 steps, for tests
+  # continue from the demo's weights (fresh optimizer) on your own files (.jsonl "text" field,
+  # or .txt = one document per file; local or gs://):
+  qwen-jax train --config=experiments/pretrain/tiny.py --workdir=runs/tiny-more \
+      --config.init_from=runs/demo/export --config.data.mixture='my_corpus/*.jsonl' \
+      --config.data.eval_mixture=my_heldout.jsonl \
+      --config.data.tokenizer=runs/demo/tokenizer/tokenizer.model
 """
 
 from qwen_jax.train.config import TrainConfig

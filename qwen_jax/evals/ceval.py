@@ -13,13 +13,14 @@ C-Eval is in no package registry: put the official `ceval-exam.zip` contents und
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from qwen_jax.evals.data import read_records
 from qwen_jax.evals.exemplars import CEVAL_HARD, CEVAL_SUBJECTS
 from qwen_jax.evals.extract import LETTERS, choice_zh
-from qwen_jax.evals.model_api import CHAT_STOP, chat_prompt
-from qwen_jax.evals.tasks import Item, Task, Verdict, bad_item, check_shots, task_name
+from qwen_jax.evals.tasks import Item, Task, Verdict, check_shots, choice_items, task_name
+from qwen_jax.tokenizer.chatml import STOP_TOKENS
 
 
 def parse_row(row: dict) -> tuple[str, list[str], str]:
@@ -65,28 +66,16 @@ def build(data_dir: Path, *, shots: int | None = None, chat: bool = False) -> Ta
     check_shots("ceval", shots, 0 if chat else 5)  # the chat protocols are 0-shot
     items = []
     for subject in CEVAL_SUBJECTS:
-        prefix: str | Exception = ""
-        if not chat:
-            try:
-                dev = [parse_row(r) for r in load_split(data_dir, subject, "dev")[:shots]]
-                prefix = "".join(format_example(*ex) for ex in dev)
-            except ValueError as e:
-                prefix = e
-        for i, row in enumerate(load_split(data_dir, subject, "val")):
-            item_id = f"{subject}/{i}"
-            try:
-                if isinstance(prefix, Exception):
-                    raise ValueError(f"dev exemplars: {prefix}")
-                question, options, answer = parse_row(row)
-            except ValueError as e:
-                items.append(bad_item(item_id, subject, e))
-                continue
-            if chat:
-                prompt = chat_prompt(chat_query(question, options))
-            else:
-                prompt = prefix + format_example(question, options, None)
-            meta = {"options": options, "question": question}
-            items.append(Item(item_id, subject, prompt, answer, meta))
+        items += choice_items(
+            subject,
+            functools.partial(load_split, data_dir),
+            "val",
+            shots=shots,
+            chat=chat,
+            parse_row=parse_row,
+            format_example=format_example,
+            chat_query=chat_query,
+        )
 
     def score(batch: list[Item], outputs: list[str]) -> list[Verdict]:
         preds = [
@@ -98,5 +87,5 @@ def build(data_dir: Path, *, shots: int | None = None, chat: bool = False) -> Ta
     name = task_name("ceval", shots, chat)
     common = {"average": "macro", "groups": groups()}
     if chat:
-        return Task(name, "generate", items, score, stop=CHAT_STOP, **common)
+        return Task(name, "generate", items, score, stop=STOP_TOKENS, **common)
     return Task(name, "choice", items, score, candidates=LETTERS, **common)

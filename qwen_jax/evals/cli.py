@@ -35,54 +35,69 @@ def main(argv: list[str]) -> int:
     return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
 
 
-def run_main(argv: list[str]) -> int:
-    from qwen_jax.evals import model_api, runner
+def load_model(args: argparse.Namespace):
+    """The engine-backed `EvalModel` from the model flags (`generate`'s: checkpoint, tokenizer,
+    dtype, int8, mesh, max context, long-context switches), serving `--batch-size` prompts per
+    engine call."""
+    from qwen_jax.infer.eval_model import EngineEvalModel
+    from qwen_jax.infer.options import UsageError, load_from_args
+
+    engine, tok = load_from_args(args)
+    if tok is None:
+        raise UsageError(f"evaluation needs a tokenizer: {args.checkpoint} has none (--tokenizer)")
+    return EngineEvalModel(engine, tok, batch_size=args.batch_size)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from qwen_jax.evals import runner
     from qwen_jax.evals.data import default_data_dir
     from qwen_jax.evals.tasks import BENCHMARKS
+    from qwen_jax.infer.options import model_parser
 
-    parser = argparse.ArgumentParser(
-        prog="qwen-jax eval run",
-        description=runner.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint directory")
-    parser.add_argument(
+    parser = model_parser("qwen-jax eval run", runner.__doc__)
+    g = parser.add_argument_group("evaluation")
+    g.add_argument(
         "--benchmarks",
         default=",".join(BENCHMARKS),
         help=f"comma-separated subset of {','.join(BENCHMARKS)}",
     )
-    parser.add_argument(
+    g.add_argument(
         "--data-dir",
         type=Path,
         default=default_data_dir(),
         help="data directory (qwen-jax eval fetch-data)",
     )
-    parser.add_argument("--out", required=True, type=Path, help="results directory")
-    parser.add_argument("--limit", type=int, help="first N items of each benchmark")
-    parser.add_argument("--shots", type=int, help="few-shot count (default: the report's)")
-    parser.add_argument("--chat", action="store_true", help="0-shot ChatML protocols")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=2, help="sandbox workers (code tasks)")
-    parser.add_argument(
+    g.add_argument("--out", required=True, type=Path, help="results directory")
+    g.add_argument("--limit", type=int, help="first N items of each benchmark")
+    g.add_argument("--shots", type=int, help="few-shot count (default: the report's)")
+    g.add_argument("--chat", action="store_true", help="0-shot ChatML protocols")
+    g.add_argument(
+        "--batch-size", type=int, default=8, help="prompts per engine call (and per runner step)"
+    )
+    g.add_argument("--workers", type=int, default=2, help="sandbox workers (code tasks)")
+    g.add_argument(
         "--gsm8k-number-rule",
         choices=("integer", "decimal"),
         help="GSM8K answer rule (default: integer for base, decimal for chat)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from qwen_jax.evals import runner
+    from qwen_jax.evals.tasks import BENCHMARKS
+    from qwen_jax.infer.options import UsageError
+
     names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     unknown = [b for b in names if b not in BENCHMARKS]
     if unknown:
-        parser.error(f"unknown benchmarks {unknown}; known: {', '.join(BENCHMARKS)}")
+        raise UsageError(f"unknown benchmarks {unknown}; known: {', '.join(BENCHMARKS)}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     options = {"humaneval": {"workers": args.workers}, "mbpp": {"workers": args.workers}}
     if args.gsm8k_number_rule:
         options["gsm8k"] = {"number_rule": args.gsm8k_number_rule}
-    from qwen_jax.checkpoint import CheckpointError
-
-    try:
-        model = model_api.load_eval_model(args.checkpoint)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"qwen-jax eval run: cannot load {args.checkpoint}: {e}", file=sys.stderr)
-        return 2
+    model = load_model(args)
     results = runner.run(
         model,
         names,
@@ -97,3 +112,10 @@ def run_main(argv: list[str]) -> int:
     print(runner.results_table(results))
     print(f"wrote {args.out / 'results.md'} and per-sample records in {args.out}")
     return 0
+
+
+def run_main(argv: list[str]) -> int:
+    """`qwen-jax eval run`; a user error (bad flags, no checkpoint) prints it and returns 2."""
+    from qwen_jax.infer.options import run_cli
+
+    return run_cli("qwen-jax eval run", build_parser(), run, argv)

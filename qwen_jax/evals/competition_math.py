@@ -17,8 +17,9 @@ from pathlib import Path
 from qwen_jax.evals.data import read_records, require
 from qwen_jax.evals.exemplars import MATH_SHOTS
 from qwen_jax.evals.math_equiv import extract_math_answer, is_equiv, last_boxed
-from qwen_jax.evals.model_api import CHAT_STOP, chat_prompt
+from qwen_jax.evals.model_api import chat_prompt
 from qwen_jax.evals.tasks import Item, Task, Verdict, bad_item, check_shots, task_name
+from qwen_jax.tokenizer.chatml import STOP_TOKENS
 
 
 def base_prompt(problem: str, shots: int = 4) -> str:
@@ -63,5 +64,5 @@ def build(data_dir: Path, *, shots: int | None = None, chat: bool = False) -> Ta
             verdicts.append(Verdict(pred, is_equiv(pred, item.gold), status))
         return verdicts
 
-    stop = CHAT_STOP if chat else ("Problem:",)
+    stop = STOP_TOKENS if chat else ("Problem:",)
     return Task(task_name("math", shots, chat), "generate", items, score, stop=stop)

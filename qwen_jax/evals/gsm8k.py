@@ -17,8 +17,9 @@ from pathlib import Path
 from qwen_jax.evals.data import read_records, require
 from qwen_jax.evals.exemplars import GSM8K_CHAT_SHOTS, GSM8K_SHOTS
 from qwen_jax.evals.extract import cut_at, gsm8k_gold, last_number, numbers_match
-from qwen_jax.evals.model_api import CHAT_STOP, chat_prompt
+from qwen_jax.evals.model_api import chat_prompt
 from qwen_jax.evals.tasks import Item, Task, Verdict, bad_item, check_shots, task_name
+from qwen_jax.tokenizer.chatml import STOP_TOKENS
 
 CUT_RULES = ("<|endoftext|>", "\n\n\n", "\n\n", "Question:")
 
@@ -78,5 +79,5 @@ def build(
             verdicts.append(Verdict(pred, numbers_match(pred, item.gold, rule), status))
         return verdicts
 
-    stop = CHAT_STOP if chat else CUT_RULES
+    stop = STOP_TOKENS if chat else CUT_RULES
     return Task(task_name("gsm8k", shots, chat), "generate", items, score, stop=stop)

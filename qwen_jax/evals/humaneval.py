@@ -15,9 +15,10 @@ from pathlib import Path
 
 from qwen_jax.evals.data import read_records, require
 from qwen_jax.evals.extract import cut_at, humaneval_chat_body
-from qwen_jax.evals.model_api import CHAT_STOP, chat_prompt
+from qwen_jax.evals.model_api import chat_prompt
 from qwen_jax.evals.sandbox import Limits
 from qwen_jax.evals.tasks import Item, Task, Verdict, bad_item, code_verdicts, task_name
+from qwen_jax.tokenizer.chatml import STOP_TOKENS
 
 CUT_RULES = ("<|endoftext|>", "\n\n\n", "\n\n", "def ")
 LIMITS = Limits(wall_s=20.0, cpu_s=15)
@@ -71,7 +72,7 @@ def build(
         programs = [program(it.meta, c) for it, c in zip(batch, codes)]
         return code_verdicts(codes, programs, LIMITS, workers)
 
-    stop = CHAT_STOP if chat else CUT_RULES
+    stop = STOP_TOKENS if chat else CUT_RULES
     return Task(
         task_name("humaneval", 0, chat), "generate", items, score, stop=stop, metric="pass@1"
     )

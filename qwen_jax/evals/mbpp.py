@@ -17,7 +17,7 @@ from pathlib import Path
 from qwen_jax.evals.data import read_records, require
 from qwen_jax.evals.exemplars import MBPP_SHOTS
 from qwen_jax.evals.extract import fenced_code, mbpp_code
-from qwen_jax.evals.model_api import CHAT_STOP, chat_prompt
+from qwen_jax.evals.model_api import chat_prompt
 from qwen_jax.evals.sandbox import Limits
 from qwen_jax.evals.tasks import (
     Item,
@@ -28,6 +28,7 @@ from qwen_jax.evals.tasks import (
     code_verdicts,
     task_name,
 )
+from qwen_jax.tokenizer.chatml import STOP_TOKENS
 
 TEST_IDS = range(11, 511)
 LIMITS = Limits(wall_s=20.0, cpu_s=15)
@@ -88,7 +89,7 @@ def build(
         programs = [program(c, it.meta["setup"], it.meta["tests"]) for it, c in zip(batch, codes)]
         return code_verdicts(codes, programs, LIMITS, workers)
 
-    stop = CHAT_STOP if chat else ("[DONE]",)
+    stop = STOP_TOKENS if chat else ("[DONE]",)
     return Task(
         task_name("mbpp", shots, chat), "generate", items, score, stop=stop, metric="pass@1"
     )

@@ -16,13 +16,14 @@ question, choices[4], answer 0-3), or the original CSV release DIR/mmlu/{dev,tes
 from __future__ import annotations
 
 import csv
+import functools
 from pathlib import Path
 
 from qwen_jax.evals.data import read_records
 from qwen_jax.evals.exemplars import MMLU_CATEGORIES
 from qwen_jax.evals.extract import LETTERS, choice_en
-from qwen_jax.evals.model_api import CHAT_STOP, chat_prompt
-from qwen_jax.evals.tasks import Item, Task, Verdict, bad_item, check_shots, task_name
+from qwen_jax.evals.tasks import Item, Task, Verdict, check_shots, choice_items, task_name
+from qwen_jax.tokenizer.chatml import STOP_TOKENS
 
 CHAT_INSTRUCTION = (
     "The following is a multiple-choice question. Please choose the most suitable one among "
@@ -102,27 +103,17 @@ def build(data_dir: Path, *, shots: int | None = None, chat: bool = False) -> Ta
     check_shots("mmlu", shots, 0 if chat else 5)  # the chat protocols are 0-shot
     items = []
     for subject in (s for subjects in MMLU_CATEGORIES.values() for s in subjects):
-        prefix: str | Exception = ""
-        if not chat:
-            try:
-                dev = [parse_row(r) for r in load_split(data_dir, subject, "dev")[:shots]]
-                prefix = header(subject) + "".join(format_example(*ex) for ex in dev)
-            except ValueError as e:  # without its exemplars no question of the subject can run
-                prefix = e
-        for i, row in enumerate(load_split(data_dir, subject, "test")):
-            item_id = f"{subject}/{i}"
-            try:
-                if isinstance(prefix, Exception):
-                    raise ValueError(f"dev exemplars: {prefix}")
-                question, options, answer = parse_row(row)
-            except ValueError as e:
-                items.append(bad_item(item_id, subject, e))
-                continue
-            if chat:
-                prompt = chat_prompt(chat_query(question, options))
-            else:
-                prompt = prefix + format_example(question, options, None)
-            items.append(Item(item_id, subject, prompt, answer, {"options": options}))
+        items += choice_items(
+            subject,
+            functools.partial(load_split, data_dir),
+            "test",
+            shots=shots,
+            chat=chat,
+            parse_row=parse_row,
+            format_example=format_example,
+            chat_query=chat_query,
+            header=header(subject),
+        )
 
     def score(batch: list[Item], outputs: list[str]) -> list[Verdict]:
         preds = [choice_en(o, it.meta["options"]) if chat else o for it, o in zip(batch, outputs)]
@@ -130,6 +121,6 @@ def build(data_dir: Path, *, shots: int | None = None, chat: bool = False) -> Ta
 
     name = task_name("mmlu", shots, chat)
     if chat:
-        return Task(name, "generate", items, score, stop=CHAT_STOP, groups=MMLU_CATEGORIES)
+        return Task(name, "generate", items, score, stop=STOP_TOKENS, groups=MMLU_CATEGORIES)
     candidates = tuple(f" {L}" for L in LETTERS)
     return Task(name, "choice", items, score, candidates=candidates, groups=MMLU_CATEGORIES)

@@ -1,19 +1,18 @@
-"""What the benchmarks need from a model, and the one place chat prompts are rendered.
+"""What the benchmarks need from a model, and how they phrase chat prompts.
 
 The benchmarks only see `EvalModel`; the inference engine provides the adapter
-(`load_eval_model`). Tests use small fakes that satisfy the same protocol.
+(`qwen_jax.infer.eval_model`: `EngineEvalModel`, `load_eval_model`). Tests use small fakes that
+satisfy the same protocol. ChatML and its stop tokens are the tokenizer's
+(`qwen_jax.tokenizer.chatml`), shared with `qwen-jax chat`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-SYSTEM_PROMPT = "You are a helpful assistant."
-# Qwen-Chat stops at <|im_end|> or <|im_start|> (spec 5.1); <|endoftext|> ends any generation.
-CHAT_STOP = ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
+from qwen_jax.tokenizer.chatml import DEFAULT_SYSTEM, render
 
 
 @runtime_checkable
@@ -37,23 +36,12 @@ class EvalModel(Protocol):
         ...
 
 
-def chat_prompt(query: str, system: str = SYSTEM_PROMPT) -> str:
-    """A single-turn ChatML prompt ending with the open assistant turn (spec 5.1 `make_context`).
+def chat_prompt(query: str, system: str = DEFAULT_SYSTEM) -> str:
+    """A single-turn ChatML prompt ending with the open assistant turn (spec 5.1 `make_context`),
+    as text: `qwen_jax.tokenizer.chatml.render` with the generation prompt.
 
-    The text form is what the adapter tokenizes. (Qwen's `make_context` encodes the user text
-    with special tokens disallowed; the adapter must do the same so a question containing
-    "<|im_end|>" cannot close its turn.) Replace the body with `qwen_jax.tokenizer.chatml`'s
-    renderer once that module exists; it must produce the same string.
+    (Qwen's `make_context` encodes the user text with special tokens disallowed; the text
+    protocol cannot say which markers are structural, so `EngineEvalModel` encodes every
+    marker in the prompt as a special token.)
     """
-    return (
-        f"<|im_start|>system\n{system}<|im_end|>\n"
-        f"<|im_start|>user\n{query}<|im_end|>\n"
-        "<|im_start|>assistant\n"
-    )
-
-
-def load_eval_model(checkpoint_dir: str | Path) -> EvalModel:
-    """The `EvalModel` adapter over the inference engine for a checkpoint directory."""
-    from qwen_jax.infer.eval_model import load_eval_model as load
-
-    return load(checkpoint_dir)
+    return render([{"role": "user", "content": query}], system, add_generation_prompt=True)

@@ -96,6 +96,53 @@ def check_shots(benchmark: str, shots: int, available: int) -> int:
     return shots
 
 
+def choice_items(
+    subject: str,
+    load_split: Callable[[str, str], list[dict]],
+    eval_split: str,
+    *,
+    shots: int,
+    chat: bool,
+    parse_row: Callable[[dict], tuple[str, list[str], str]],
+    format_example: Callable[[str, list[str], str | None], str],
+    chat_query: Callable[[str, list[str]], str],
+    header: str = "",
+) -> list[Item]:
+    """The items of one subject of a 4-way multiple-choice benchmark (MMLU, C-Eval).
+
+    Base: `header` + the first `shots` dev rows as solved examples + the question, unsolved.
+    Chat: the benchmark's query through ChatML. A malformed row, or malformed dev exemplars
+    (without which no question of the subject can run), becomes a "bad_input" item. `meta`
+    holds the question and options (what chat answer extraction needs).
+    """
+    from qwen_jax.evals.model_api import chat_prompt
+
+    prefix: str | Exception = ""
+    if not chat:
+        try:
+            dev = [parse_row(r) for r in load_split(subject, "dev")[:shots]]
+            prefix = header + "".join(format_example(*ex) for ex in dev)
+        except ValueError as e:
+            prefix = e
+    items = []
+    for i, row in enumerate(load_split(subject, eval_split)):
+        item_id = f"{subject}/{i}"
+        try:
+            if isinstance(prefix, Exception):
+                raise ValueError(f"dev exemplars: {prefix}")
+            question, options, answer = parse_row(row)
+        except ValueError as e:
+            items.append(bad_item(item_id, subject, e))
+            continue
+        if chat:
+            prompt = chat_prompt(chat_query(question, options))
+        else:
+            prompt = prefix + format_example(question, options, None)
+        meta = {"options": options, "question": question}
+        items.append(Item(item_id, subject, prompt, answer, meta))
+    return items
+
+
 def code_verdicts(
     codes: list[str], programs: list[str], limits: Limits, workers: int
 ) -> list[Verdict]:

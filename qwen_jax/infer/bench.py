@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen_jax.benchmark import (
+from qwen_jax.bench_shapes import (
     DECODE_NEW,
     DECODE_PROMPT,
     PREFILL_BATCH,
@@ -72,7 +72,7 @@ def decode_bytes_per_token(cfg: QwenConfig, context: int, batch: int = 1) -> int
     return itemsize * (weights + embed_rows + cache)
 
 
-def bench_prefill(cfg: QwenConfig, repeats: int = 5) -> dict:
+def bench_prefill(cfg: QwenConfig, repeats: int = 5, shape: str = "bench") -> dict:
     engine = _engine(cfg)
     prompts = _prompts(cfg, PREFILL_BATCH, PREFILL_LEN)
 
@@ -89,10 +89,11 @@ def bench_prefill(cfg: QwenConfig, repeats: int = 5) -> dict:
         batch=PREFILL_BATCH,
         seq=PREFILL_LEN,
         seconds=t,
+        shape=shape,
     )
 
 
-def bench_decode(cfg: QwenConfig, batch: int, repeats: int = 2) -> dict:
+def bench_decode(cfg: QwenConfig, batch: int, repeats: int = 2, shape: str = "bench") -> dict:
     engine = _engine(cfg)
     prompts = _prompts(cfg, batch, DECODE_PROMPT, seed=batch)
 
@@ -111,6 +112,7 @@ def bench_decode(cfg: QwenConfig, batch: int, repeats: int = 2) -> dict:
         prompt=DECODE_PROMPT,
         new=DECODE_NEW,
         seconds=t,
+        shape=shape,
     )
     if batch == 1:
         bw = memory_bandwidth_gbs()
@@ -123,6 +125,7 @@ def bench_decode(cfg: QwenConfig, batch: int, repeats: int = 2) -> dict:
             "fraction",
             impl="qwen-jax",
             batch=1,
+            shape=shape,
             bytes_per_token=per_token,
             bound_tokens_per_s=bound,
         )

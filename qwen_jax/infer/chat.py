@@ -21,9 +21,9 @@ from qwen_jax.infer.engine import Engine, Generation
 from qwen_jax.infer.options import (
     USER_ERRORS,
     UsageError,
-    add_model_args,
     add_sampling_args,
     load_from_args,
+    model_parser,
     run_cli,
     sampling_from_args,
 )
@@ -77,6 +77,8 @@ class ChatSession:
 
     def send(self, user_text: str, on_text: Callable[[str], None] | None = None) -> Generation:
         """One user turn; `on_text` receives the reply's text as it streams."""
+        from qwen_jax.tokenizer import chatml
+
         tok = self.tok
         try:
             ids = self.prompt_ids(user_text)
@@ -87,7 +89,7 @@ class ChatSession:
             [ids],
             max_new_tokens=self.max_new_tokens,
             sampling=sampling,
-            stop_ids=[tok.im_end_id, tok.im_start_id, tok.eod_id],
+            stop_ids=chatml.stop_ids(tok),
             stop_strings=self.stop_strings,
             tokenizer=tok,
             on_token=None if on_text is None else lambda r, t, lp, delta: on_text(delta),
@@ -101,12 +103,7 @@ class ChatSession:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="qwen-jax chat",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_model_args(p)
+    p = model_parser("qwen-jax chat", __doc__.split("\n\n")[0])
     p.add_argument("--system", help="system prompt (default: 'You are a helpful assistant.')")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     p.add_argument(

@@ -4,9 +4,13 @@ Shapes: B batch, T prompt (bucket) length, C prefill chunk, S cache length, V vo
 
 Prompts of different lengths are left-padded to one bucket length T (powers of two from 16 up to
 1024, then multiples of 1024) and the batch to a bucket size, so a new prompt length reuses the
-compiled code of its bucket. Padding slots carry segment id 0 (never attended); RoPE positions
-count real tokens only (`positions_from_mask`), as transformers' `generate` does. Prompts longer
-than one chunk are prefilled chunk by chunk into the cache (attention memory stays C x S).
+compiled code of its bucket. The KV cache (qwen_jax.model.cache.KVCache) records each row's
+padding as its `starts` (never attended) and its next write slot as its `lengths`; RoPE
+positions count real tokens only (`positions_from_mask` at prefill, lengths - starts while
+decoding), as transformers' `generate` does. Prompts longer than one chunk are prefilled chunk
+by chunk into the cache (attention memory stays C x S). Every row decodes at its own slot and
+position, so rows at different lengths share a decode batch: `insert_rows` moves a row prefilled
+elsewhere into a running batch, `reset_rows` frees rows (the pieces of continuous batching).
 
 The decode loop is Python: each step is one jitted call (forward + sampling, cache donated),
 dispatched before the host looks at the previous step's tokens so host work (streaming callbacks,
@@ -16,7 +20,10 @@ The engine holds the layer weights as L separate arrays (`unstack_layers`) and r
 as an unrolled loop, not the training layer scan: XLA:CPU copies each scanned layer's weight
 slice out of the stacked array before its matmuls, which at decode batch sizes cost more than
 the matmuls (bench shape, 8 layers, batch 1: layer stack 30 ms scanned vs 12 ms unrolled over
-separate arrays; jax-llm-examples' inference also loops over per-layer weights).
+separate arrays; jax-llm-examples' inference also loops over per-layer weights). The KV cache is
+per layer too, so each layer's buffer is updated in place. By default the engine takes the
+model's weights (`donate=True`: one copy exists); `refresh` puts new weights (a training
+state's params) into the same buffers' shapes and shardings, so nothing recompiles.
 
 Long context (qwen_jax.infer.longctx): the dynamic-NTK alpha is computed per row from the real
 prompt length at prefill and held fixed while decoding; LogN and per-layer windows come from the
@@ -39,14 +46,16 @@ from jax.sharding import Mesh
 from qwen_jax.infer.longctx import prefill_alpha
 from qwen_jax.infer.sampling import SamplerSpec, SamplingParams, sample, seen_tokens
 from qwen_jax.infer.text import StopChecker
+from qwen_jax.model.cache import KVCache
+from qwen_jax.model.logprobs import token_logprobs
 from qwen_jax.model.transformer import (
     Qwen,
-    init_cache,
+    copy_arrays,
     positions_from_mask,
     restack_layers,
+    split_layers,
     unstack_layers,
 )
-from qwen_jax.sharding import shard
 
 CHUNK = 1024  # prefill chunk; also the bucket step beyond it, so chunks tile every bucket
 GREEDY = SamplingParams()
@@ -88,37 +97,60 @@ def bucket_batch(b: int) -> int:
 # ------------------------------------------------------------------------ pure jitted steps
 
 
-def _constrain_cache(cache: dict) -> dict:
-    kv = (None, "cache_batch", "cache_seq", "cache_kv_heads", None)
-    return {
-        "k": shard(cache["k"], *kv),
-        "v": shard(cache["v"], *kv),
-        "segment_ids": shard(cache["segment_ids"], "cache_batch", "cache_seq"),
-        "index": cache["index"],
-    }
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "batch", "length"))
-def new_cache(cfg, batch: int, length: int) -> dict:
-    """An empty cache, created sharded under the active mesh."""
-    return _constrain_cache(init_cache(cfg, batch, length))
+def new_cache(cfg, batch: int, length: int, starts_b) -> KVCache:
+    """An empty cache with left padding starts_b [B], created sharded under the active mesh."""
+    return KVCache.init(cfg, batch, length, starts_b=starts_b)
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def insert_rows(cache: KVCache, row, rows: KVCache) -> KVCache:
+    """`cache` with `rows` (R rows, at most as many slots) copied into rows [row, row + R)."""
+    return cache.insert(row, rows).constrain()
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def reset_rows(cache: KVCache, rows_b) -> KVCache:
+    """`cache` with the rows where rows_b [B] bool is True emptied (free for a new request)."""
+    return cache.reset(rows_b).constrain()
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def prefill_chunk(graphdef, state, layers, tokens_bc, positions_bc, segments_bc, alpha_b, cache):
+def prefill_chunk(graphdef, state, layers, tokens_bc, positions_bc, alpha_b, cache):
     """Write one chunk [B, C] into the cache; returns (last-position logits [B, V], cache)."""
     model = nnx.merge(graphdef, state)
     h_bcd, cache = model(
         tokens_bc,
         positions_bt=positions_bc,
-        segment_ids_bt=segments_bc,
         cache=cache,
         rope_alpha_b=alpha_b,
         logn=model.cfg.use_logn_attn,
         return_hidden=True,
         layers=layers,
     )
-    return model.logits(h_bcd[:, -1:])[:, 0], _constrain_cache(cache)
+    return model.logits(h_bcd[:, -1:])[:, 0], cache.constrain()
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def score_logprobs(graphdef, state, layers, tokens_bt, mask_bt, alpha_b):
+    """log p(tokens[:, t + 1] | tokens[:, :t + 1]) [B, T] (the last column is padding) of a
+    right-padded batch (mask 1 = real), one forward without a cache."""
+    model = nnx.merge(graphdef, state)
+    h_btd, _ = model(
+        tokens_bt,
+        segment_ids_bt=mask_bt,
+        rope_alpha_b=alpha_b,
+        logn=model.cfg.use_logn_attn,
+        return_hidden=True,
+        layers=layers,
+    )
+    w_dv, scale_v = model._head()
+    w_dv = w_dv if scale_v is not None else w_dv.astype(h_btd.dtype)
+    targets_bt = jnp.concatenate([tokens_bt[:, 1:], tokens_bt[:, :1]], axis=1)
+    logp_bt, _ = token_logprobs(
+        h_btd, w_dv, targets_bt, matmul_impl=model.cfg.matmul_impl, scale_v=scale_v
+    )
+    return logp_bt
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "vocab"))
@@ -132,18 +164,15 @@ def first_token(logits_bv, tokens_bt, mask_bt, key, knobs, spec: SamplerSpec, vo
 @functools.partial(
     jax.jit, static_argnames=("graphdef", "spec"), donate_argnames=("cache", "seen_bv")
 )
-def decode_step(
-    graphdef, spec, state, layers, tok_b, lengths_b, step, alpha_b, cache, seen_bv, key, knobs
-):
-    """Feed the previous tokens [B] at position length + step, sample the next ones.
+def decode_step(graphdef, spec, state, layers, tok_b, step, alpha_b, cache, seen_bv, key, knobs):
+    """Feed the previous tokens [B], each row at its own cache slot and position (the cache's
+    lengths - starts), and sample the next ones; `step` seeds the sampler.
 
     Returns (tokens [B], raw logprobs [B], cache, seen [B, V] or None).
     """
     model = nnx.merge(graphdef, state)
-    pos_b1 = (lengths_b + step)[:, None]
     h_b1d, cache = model(
         tok_b[:, None],
-        positions_bt=pos_b1,
         cache=cache,
         rope_alpha_b=alpha_b,
         logn=model.cfg.use_logn_attn,
@@ -154,7 +183,7 @@ def decode_step(
     if spec.penalty:
         seen_bv = seen_bv.at[jnp.arange(tok_b.shape[0]), tok_b].set(True)
     nxt_b, logp_b = sample(logits_bv, jax.random.fold_in(key, step + 1), knobs, spec, seen_bv)
-    return nxt_b, logp_b, _constrain_cache(cache), seen_bv
+    return nxt_b, logp_b, cache.constrain(), seen_bv
 
 
 # ------------------------------------------------------------------------------- the engine
@@ -169,14 +198,26 @@ class Engine:
       mesh: run under this mesh (the KV cache is sharded by the "cache_*" logical axes).
       max_context: the most positions a row may reach (prompt + new tokens); defaults to the
         config's max_position_embeddings. Dynamic NTK is what makes larger values sensible.
+      donate: True (default) takes the model's weights: its stacked layer arrays are deleted
+        as they are split into the engine's per-layer arrays, so one copy of the weights
+        exists and `model` can no longer run (`Engine.model()` rebuilds one). False copies
+        every weight and leaves `model` (and anything sharing its arrays, e.g. a training
+        state) untouched.
     """
 
-    def __init__(self, model: Qwen, *, mesh: Mesh | None = None, max_context: int | None = None):
+    def __init__(
+        self,
+        model: Qwen,
+        *,
+        mesh: Mesh | None = None,
+        max_context: int | None = None,
+        donate: bool = True,
+    ):
         self.cfg = model.cfg
         self.mesh = mesh
         self.graphdef, state = nnx.split(model)
         with self._mesh():
-            self.state, self.layers = unstack_layers(state)
+            self.state, self.layers = unstack_layers(state, donate=donate)
         self.max_context = max_context or self.cfg.max_position_embeddings
 
     def _mesh(self):
@@ -186,6 +227,62 @@ class Engine:
         """The full model (its stacked layer weights are rebuilt: a copy of the layers)."""
         with self._mesh():
             return nnx.merge(self.graphdef, restack_layers(self.state, self.layers))
+
+    def refresh(self, params) -> None:
+        """Put new weights into the engine in place: no rebuild, no recompilation.
+
+        params: the model's parameters with stacked layers, as an `nnx.State` of Params (a
+        training state's "params", `nnx.state(model, nnx.Param)`) or its pure dict. Every array
+        must have the engine's shape and dtype (ValueError naming each mismatch); the values
+        are copied into fresh buffers with the engine's shardings, one parameter at a time, so
+        later training steps may donate `params` and the old weights are freed as they go.
+        """
+        new = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
+        new = jax.tree.map(lambda x: x.get_value() if isinstance(x, nnx.Variable) else x, new)
+        held = nnx.to_pure_dict(self.state)
+        self._check_refresh(new, held)
+        with self._mesh():
+            for name in held["blocks"]:
+                parts = split_layers(new["blocks"][name])
+                for layer, part in zip(self.layers, parts):
+                    layer[name] = _like(part, layer[name])
+            others = {k: v for k, v in new.items() if k != "blocks"}
+            copied = copy_arrays(others)
+            held.update(jax.tree.map(_like, copied, {k: held[k] for k in others}))
+        state = jax.tree.map(lambda x: x, self.state)
+        nnx.replace_by_pure_dict(state, held)
+        self.state = state
+
+    def _check_refresh(self, new: dict, held: dict) -> None:
+        want = {k: v for k, v in held.items() if k != "blocks"}
+        want["blocks"] = {k: (len(self.layers), *v.shape) for k, v in self.layers[0].items()}
+        dtypes = {k: v.dtype for k, v in self.layers[0].items()}
+        problems = []
+        if set(new) != set(want) or set(new.get("blocks", {})) != set(want["blocks"]):
+            problems.append(
+                f"parameter names differ: engine has {sorted(want)} + blocks "
+                f"{sorted(want['blocks'])}, got {sorted(new)} + blocks "
+                f"{sorted(new.get('blocks', {}))}"
+            )
+        else:
+            for k, v in want.items():
+                if k == "blocks":
+                    continue
+                if new[k].shape != v.shape or new[k].dtype != v.dtype:
+                    problems.append(
+                        f"{k}: engine {v.shape} {v.dtype}, got {new[k].shape} {new[k].dtype}"
+                    )
+            for k, shape in want["blocks"].items():
+                x = new["blocks"][k]
+                if tuple(x.shape) != shape or x.dtype != dtypes[k]:
+                    problems.append(
+                        f"blocks.{k}: engine {shape} {dtypes[k]}, got {x.shape} {x.dtype}"
+                    )
+        if problems:
+            raise ValueError(
+                "refresh needs weights of the engine's shapes and dtypes (an int8 engine takes "
+                "quantized weights): " + "; ".join(problems)
+            )
 
     def _check(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
         if isinstance(prompts, (str, bytes)) or not len(prompts):
@@ -210,8 +307,9 @@ class Engine:
         return out
 
     def prefill(self, prompts: Sequence[Sequence[int]], cache_len: int | None = None):
-        """Left-pad, bucket and prefill. Returns (last logits [Bp, V], cache, padded tokens
-        [Bp, T], mask [Bp, T], lengths [Bp], alpha [Bp] or None); Bp, T are bucket sizes."""
+        """Left-pad, bucket and prefill. Returns (last logits [Bp, V], KVCache (every row at
+        length T, starts T - prompt length), padded tokens [Bp, T], mask [Bp, T], prompt lengths
+        [Bp], alpha [Bp] or None); Bp, T are bucket sizes."""
         prompts = self._check(prompts)
         lengths = [len(p) for p in prompts]
         t = bucket_length(max(lengths))
@@ -226,7 +324,7 @@ class Engine:
         positions = positions_from_mask(jnp.asarray(mask))
         cache_len = max(cache_len or 0, t)
         with self._mesh():
-            cache = new_cache(self.cfg, bp, cache_len)
+            cache = new_cache(self.cfg, bp, cache_len, jnp.asarray(t - lengths_b))
             step = min(t, CHUNK)
             for c in range(0, t, step):
                 logits_bv, cache = prefill_chunk(
@@ -235,11 +333,47 @@ class Engine:
                     self.layers,
                     jnp.asarray(tokens[:, c : c + step]),
                     positions[:, c : c + step],
-                    jnp.asarray(mask[:, c : c + step]),
                     alpha_b,
                     cache,
                 )
         return logits_bv, cache, tokens, mask, lengths_b, alpha_b
+
+    def score(
+        self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
+    ) -> list[np.ndarray]:
+        """Log-probabilities of each continuation's tokens after its prompt: one fp32 array
+        [len(continuation)] per pair (reference scoring for PPO / DPO, likelihood evals).
+
+        One forward over the right-padded, bucketed batch of prompt + continuation, without a
+        cache; the head runs through `qwen_jax.model.logprobs.token_logprobs` (no [B, T, V]
+        logits). Long-context switches apply as in `generate`, with the dynamic-NTK alpha taken
+        from the prompt length, so scoring a generated continuation gives `generate`'s
+        log-probs.
+        """
+        prompts = self._check(prompts)
+        if len(continuations) != len(prompts):
+            raise GenerationError(
+                f"got {len(prompts)} prompts and {len(continuations)} continuations"
+            )
+        seqs = self._check([p + [int(t) for t in c] for p, c in zip(prompts, continuations)])
+        t = bucket_length(max(map(len, seqs)))
+        bp = bucket_batch(len(seqs))
+        tokens = np.zeros((bp, t), np.int32)
+        mask = np.zeros((bp, t), np.int32)
+        for i, seq in enumerate(seqs):
+            tokens[i, : len(seq)], mask[i, : len(seq)] = seq, 1
+        alpha_b = prefill_alpha(self.cfg, [len(p) for p in prompts] + [1] * (bp - len(prompts)))
+        with self._mesh():
+            logp_bt = score_logprobs(
+                self.graphdef,
+                self.state,
+                self.layers,
+                jnp.asarray(tokens),
+                jnp.asarray(mask),
+                alpha_b,
+            )
+        logp_bt = np.asarray(logp_bt)
+        return [logp_bt[i, len(p) - 1 : len(s) - 1] for i, (p, s) in enumerate(zip(prompts, seqs))]
 
     def next_token_logprobs(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """Log-probabilities [P, V] of the token after each prompt (one batched prefill)."""
@@ -279,7 +413,6 @@ class Engine:
         )
         spec, knobs = sampling.spec(), sampling.knobs()
         key = jax.random.key(sampling.seed)
-        lengths_dev = jnp.asarray(lengths_b)
         with self._mesh():
             tok_b, logp_b, seen_bv = first_token(
                 logits_bv,
@@ -300,7 +433,7 @@ class Engine:
             if i + 1 < steps:  # dispatch step i+1 before reading step i: overlap host and device
                 with self._mesh():
                     nxt = decode_step(
-                        self.graphdef, spec, self.state, self.layers, tok_b, lengths_dev, i,
+                        self.graphdef, spec, self.state, self.layers, tok_b, i,
                         alpha_b, cache, seen_bv, key, knobs,
                     )  # fmt: skip
             toks, logps = np.asarray(tok_b), np.asarray(logp_b)
@@ -327,3 +460,9 @@ class Engine:
             if checkers[r] is not None:
                 res.text = checkers[r].text
         return results
+
+
+def _like(x: jax.Array, ref: jax.Array) -> jax.Array:
+    """x placed with ref's sharding (a no-op when it already has it): a refreshed weight must
+    look exactly like the one it replaces, or the jitted steps would compile again."""
+    return x if x.sharding == ref.sharding else jax.device_put(x, ref.sharding)

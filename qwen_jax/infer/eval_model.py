@@ -60,12 +60,17 @@ class EngineEvalModel:
         return out
 
 
-def load_eval_model(checkpoint: str | os.PathLike, **engine_kwargs) -> EngineEvalModel:
-    """An `EvalModel` for a checkpoint directory (params export or HF), with its tokenizer.
+def load_eval_model(
+    checkpoint: str | os.PathLike, *, batch_size: int = 8, **engine_kwargs
+) -> EngineEvalModel:
+    """An `EvalModel` for a checkpoint directory (params export or HF), with its tokenizer,
+    serving `batch_size` prompts per engine call.
 
-    `engine_kwargs` go to `load_engine` (tokenizer=, dtype=, max_context=, mesh=, ...).
+    `engine_kwargs` go to `load_engine` (tokenizer=, dtype=, max_context=, mesh=, int8=, ...).
+    `qwen-jax eval run` builds the same adapter from `generate`'s model flags instead
+    (qwen_jax.evals.cli.load_model).
     """
     from qwen_jax.infer.load import load_engine
 
     engine, tok = load_engine(checkpoint, **engine_kwargs)
-    return EngineEvalModel(engine, tok)
+    return EngineEvalModel(engine, tok, batch_size=batch_size)

@@ -17,9 +17,9 @@ import sys
 
 from qwen_jax.infer.options import (
     UsageError,
-    add_model_args,
     add_sampling_args,
     load_from_args,
+    model_parser,
     run_cli,
     sampling_from_args,
 )
@@ -37,12 +37,7 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="qwen-jax generate",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_model_args(p)
+    p = model_parser("qwen-jax generate", __doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     src.add_argument(

@@ -1,4 +1,4 @@
-"""Command-line options shared by `qwen-jax generate`, `chat` and `eval ppl`."""
+"""Command-line options shared by `qwen-jax generate`, `chat`, `eval ppl` and `eval run`."""
 
 from __future__ import annotations
 
@@ -28,6 +28,15 @@ def run_cli(prog: str, parser: argparse.ArgumentParser, run, argv: list[str]) ->
     except USER_ERRORS as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+
+
+def model_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A CLI parser that starts with the model flags (`add_model_args`)."""
+    p = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_model_args(p)
+    return p
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

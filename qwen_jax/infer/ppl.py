@@ -32,7 +32,9 @@ from flax import nnx
 
 from qwen_jax.infer.longctx import with_long_context
 from qwen_jax.model import rope
-from qwen_jax.model.transformer import Qwen, init_cache
+from qwen_jax.model.cache import KVCache
+from qwen_jax.model.logprobs import token_logprobs
+from qwen_jax.model.transformer import Qwen
 
 MAX_CHUNK = 512
 
@@ -83,9 +85,19 @@ def _nll_chunk(graphdef, state, tokens_bc, targets_bc, alpha_b, cache):
         logn=model.cfg.use_logn_attn,
         return_hidden=True,
     )
-    logits_bcv = model.logits(h_bcd)
-    gold_bc = jnp.take_along_axis(logits_bcv, targets_bc[..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits_bcv, axis=-1) - gold_bc, cache
+    # The head as Qwen.logits applies it (int8 weights keep their scale, float ones take h's
+    # dtype); one block of C <= MAX_CHUNK positions, as the forward itself ran.
+    w_dv, scale_v = model._head()
+    w_dv = w_dv if scale_v is not None else w_dv.astype(h_bcd.dtype)
+    logp_bc, _ = token_logprobs(
+        h_bcd,
+        w_dv,
+        targets_bc,
+        chunk=h_bcd.shape[1],
+        matmul_impl=model.cfg.matmul_impl,
+        scale_v=scale_v,
+    )
+    return -logp_bc, cache
 
 
 def window_nll(model: Qwen, windows_bl: np.ndarray) -> np.ndarray:
@@ -103,7 +115,7 @@ def window_nll(model: Qwen, windows_bl: np.ndarray) -> np.ndarray:
         alpha_b = rope.ntk_alpha(jnp.full((b,), length, jnp.int32), cfg.seq_length)
     tokens = jnp.asarray(windows_bl, jnp.int32)
     targets = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)  # last one is dropped
-    cache = init_cache(cfg, b, length)
+    cache = KVCache.init(cfg, b, length)
     total = np.zeros((b,), np.float64)
     for c in range(0, length, chunk):
         nll_bc, cache = _nll_chunk(

@@ -1,17 +1,21 @@
 """Causal multi-head / grouped-query attention with segment, padding and window masks.
 
-One function, `attention`, is the model's only entry point; `impl` picks the XLA einsum path here
-or the Pallas flash kernel (qwen_jax.kernels) through `qwen_jax.model.dispatch` (decoding one
-token against a KV cache with the Pallas decode kernel is chosen by the transformer, which knows
-the cache layout).
+The XLA attention math and the two mask rules. Which implementation runs (this XLA path, the
+Pallas flash kernel, the Pallas decode kernel) is decided in `qwen_jax.model.dispatch` only.
 
-Masking is expressed in *slot* coordinates: key slot s (0..S-1) is visible to a query whose slot is
-q_slot when
+Without a KV cache (training, scoring), masking is expressed in *slot* coordinates: key slot s
+(0..S-1) is visible to a query whose slot is q_slot when
     s <= q_slot                      (causal)
     q_slot - s < window              (layer-wise window; window == 0 means unlimited)
     kv_segment[s] == q_segment       (packed documents never attend across; 0 marks padding)
 so the same code serves packed training batches (q_slot = arange(T), segment ids per document),
-left-padded batches (padding has segment 0), and decoding against a KV cache (q_slot = cache index).
+left-padded batches (padding has segment 0).
+
+With a KV cache (qwen_jax.model.cache) each row b has a first valid slot starts[b], and key slot s
+is visible to a query at slot q_slot of that row when
+    starts[b] <= s <= q_slot         (left padding, causal)
+    q_slot - s < window              (as above)
+`cache_mask`; each row has its own q_slot, so rows at different lengths share one batch.
 """
 
 from __future__ import annotations
@@ -65,31 +69,16 @@ def xla_attention(
     return out.reshape(b, k_heads, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
-def attention(
-    q_btnh: jax.Array,
-    k_bskh: jax.Array,
-    v_bskh: jax.Array,
-    *,
+def cache_mask(
     q_slot_bt: jax.Array,
-    q_segment_bt: jax.Array,
-    kv_segment_bs: jax.Array,
+    starts_b: jax.Array,
+    kv_len: int,
     window: jax.Array | int = 0,
-    impl: str = "xla",
 ) -> jax.Array:
-    """Masked attention; returns [B,T,N,H]. `impl` in {"xla", "pallas"}."""
-    if impl == "xla":
-        mask = attention_mask(q_slot_bt, q_segment_bt, kv_segment_bs, window)
-        return xla_attention(q_btnh, k_bskh, v_bskh, mask)
-    if impl == "pallas":
-        from qwen_jax.model import dispatch
-
-        return dispatch.pallas_attention(
-            q_btnh,
-            k_bskh,
-            v_bskh,
-            q_slot_bt=q_slot_bt,
-            q_segment_bt=q_segment_bt,
-            kv_segment_bs=kv_segment_bs,
-            window=window,
-        )
-    raise ValueError(f"unknown attention impl {impl!r}; expected 'xla' or 'pallas'")
+    """Boolean visibility [B, T, S] against a KV cache of S = kv_len slots: starts[b] <= s <=
+    q_slot[b, t] and (window == 0 or q_slot - s < window). See the module docstring."""
+    s = jnp.arange(kv_len, dtype=jnp.int32)[None, None, :]
+    q = q_slot_bt[:, :, None].astype(jnp.int32)
+    window = jnp.asarray(window, jnp.int32)
+    visible = (starts_b.astype(jnp.int32)[:, None, None] <= s) & (s <= q)
+    return visible & ((window <= 0) | (q - s < window))

@@ -277,7 +277,7 @@ def _from_hf_config(hf: dict[str, Any]) -> QwenConfig:
 def to_hf_config(cfg: QwenConfig, layout: Literal["qwen", "qwen2"] | None = None) -> dict[str, Any]:
     """config.json contents for `layout` (default: the config's own model_type)."""
     layout = layout or cfg.model_type
-    dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[cfg.param_dtype]
+    dtype = cfg.param_dtype  # a torch_dtype name as is (__post_init__ checked it)
     if layout == "qwen":
         if cfg.num_kv_heads != cfg.num_heads:
             raise ValueError("the Qwen v1 layout has no GQA: num_kv_heads must equal num_heads")
@@ -307,9 +307,7 @@ def to_hf_config(cfg: QwenConfig, layout: Literal["qwen", "qwen2"] | None = None
     if layout == "qwen2":
         if not cfg.qkv_bias:
             raise ValueError("the Qwen2 layout always has q/k/v biases")
-        if cfg.use_dynamic_ntk or cfg.use_logn_attn:
-            # Qwen2 configs have no switch for these; they stay inference options on our side.
-            pass
+        # Qwen2 configs have no switch for dynamic NTK / LogN: they stay inference options here.
         return {
             "architectures": ["Qwen2ForCausalLM"],
             "model_type": "qwen2",

@@ -1,10 +1,14 @@
-"""The one place that picks Pallas kernels for the platform and shards them.
+"""The one place that chooses the attention implementation and the Pallas kernels, and shards them.
 
-Three dispatches, each called by the model when its config asks for "pallas":
-  * `pallas_attention`: flash attention for training / prefill without a KV cache
-    (`attention_impl="pallas"`, through `qwen_jax.model.attention.attention`).
-  * `decode_attention`: one new token per row against the KV cache (`attention_impl="pallas"`
-    with a cache and T == 1: generation and PPO rollouts).
+The model calls two attention entry points and one matmul, and never picks an implementation
+itself:
+  * `attention`: no KV cache (training, scoring; T == S, packed segment ids). "xla" is
+    `qwen_jax.model.attention`'s einsum path, "pallas" the flash kernel (`pallas_attention`).
+  * `cache_attention`: T new tokens per row against a KV cache (qwen_jax.model.cache: per-row
+    starts and query slots). With attention_impl="pallas" and T == 1 (a decode step) it runs the
+    Pallas decode kernel, fed each row's length and start; otherwise (prefill into a cache, or
+    "xla") the XLA path with `attention.cache_mask`. Prefill into a cache stays on XLA: its
+    queries sit at per-row offsets into a longer cache, a layout neither kernel serves.
   * `matmul`: the dense projections (q/k/v/o, MLP, LM head) when `matmul_impl="pallas"`.
 On TPU they run the TPU (Mosaic) kernels, on GPU the Triton kernels, and on CPU the TPU kernels
 in interpret mode (slow; for tests: CPU configs default to "xla"). The platform is the active
@@ -16,7 +20,7 @@ Attention (flash and decode) shards over batch and heads; the sequence axis stay
 attention over a sharded sequence would need ring/context parallelism, which this project does
 not use). The flash kernel serves T == S with q_slot == arange(T), which the model guarantees
 whenever it has no KV cache; the kernels derive positions from tile indices, so `q_slot_bt` is
-accepted for signature parity and unused. Prefilling T > 1 tokens into a cache stays on XLA.
+accepted for signature parity and unused.
 
 Matmul: x's leading axis is the batch and is split over the mesh; the weight must be replicated.
 A weight that the rules table shards (FSDP's "embed", tensor parallelism's heads / mlp / vocab)
@@ -39,6 +43,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from qwen_jax.kernels.block_sizes import current_chip
+from qwen_jax.model.attention import attention_mask, cache_mask, xla_attention
 from qwen_jax.sharding import current_mesh, logical_spec
 
 # Einsum letter of a weight axis -> its logical parameter axis (qwen_jax.sharding.RULES).
@@ -143,13 +148,68 @@ def pallas_attention(
     return sharded(q_btnh, k_bskh, v_bskh, q_segment_bt, kv_segment_bs, window)
 
 
+# --------------------------------------------------------------------- the model's entries
+
+
+def attention(
+    q_btnh: jax.Array,
+    k_bskh: jax.Array,
+    v_bskh: jax.Array,
+    *,
+    impl: str,
+    q_slot_bt: jax.Array,
+    q_segment_bt: jax.Array,
+    kv_segment_bs: jax.Array,
+    window: jax.Array | int = 0,
+) -> jax.Array:
+    """Attention without a KV cache (T == S): segment/causal/window mask, [B,T,N,H] out.
+
+    impl "xla": `attention.xla_attention` with `attention.attention_mask`; "pallas": the flash
+    kernel (`pallas_attention`).
+    """
+    if impl == "xla":
+        mask = attention_mask(q_slot_bt, q_segment_bt, kv_segment_bs, window)
+        return xla_attention(q_btnh, k_bskh, v_bskh, mask)
+    if impl == "pallas":
+        return pallas_attention(
+            q_btnh,
+            k_bskh,
+            v_bskh,
+            q_slot_bt=q_slot_bt,
+            q_segment_bt=q_segment_bt,
+            kv_segment_bs=kv_segment_bs,
+            window=window,
+        )
+    raise ValueError(f"unknown attention impl {impl!r}; expected 'xla' or 'pallas'")
+
+
+def cache_attention(
+    q_btnh: jax.Array,
+    k_bskh: jax.Array,
+    v_bskh: jax.Array,
+    *,
+    impl: str,
+    q_slot_bt: jax.Array,
+    starts_b: jax.Array,
+    window: jax.Array | int = 0,
+) -> jax.Array:
+    """T new tokens per row against a KV cache whose buffers already hold them; [B,T,N,H] out.
+
+    q_slot_bt [B, T]: each query's cache slot (rows may differ); starts_b [B]: each row's first
+    valid slot. impl "pallas" with T == 1 runs the decode kernel (`decode_attention`);
+    everything else the XLA path with `attention.cache_mask`.
+    """
+    if impl not in ("xla", "pallas"):
+        raise ValueError(f"unknown attention impl {impl!r}; expected 'xla' or 'pallas'")
+    if impl == "pallas" and q_btnh.shape[1] == 1:
+        return decode_attention(
+            q_btnh, k_bskh, v_bskh, q_slot_b=q_slot_bt[:, 0], starts_b=starts_b, window=window
+        )
+    mask = cache_mask(q_slot_bt, starts_b, k_bskh.shape[1], window)
+    return xla_attention(q_btnh, k_bskh, v_bskh, mask)
+
+
 # ------------------------------------------------------------------------------------ decode
-
-
-def cache_starts(kv_segment_bs: jax.Array) -> jax.Array:
-    """First valid slot of each row of a left-padded cache: the count of leading zero segment
-    ids. [B, S] int -> [B] int32 (S for a row with no valid slot)."""
-    return jnp.sum(jnp.cumsum(kv_segment_bs != 0, axis=1) == 0, axis=1, dtype=jnp.int32)
 
 
 def decode_attention(
@@ -157,19 +217,16 @@ def decode_attention(
     k_bskh: jax.Array,
     v_bskh: jax.Array,
     *,
-    q_slot: jax.Array,
+    q_slot_b: jax.Array,
     starts_b: jax.Array,
     window: jax.Array | int = 0,
 ) -> jax.Array:
-    """One new token per row against a left-padded KV cache; returns [B,1,N,H] in q's dtype.
+    """One new token per row against a KV cache; returns [B,1,N,H] in q's dtype.
 
-    q [B,1,N,H]; k/v [B,S,K,H] the cache with the new token already written at slot q_slot
-    (an int32 scalar: the cache index, shared by all rows); starts_b [B] the first valid slot of
-    each row (`cache_starts`). Row b attends to slots [max(start_b, q_slot + 1 - window),
-    q_slot], which is the model's mask (`attention.attention_mask`) for the engine's cache
-    layout: left padding (segment 0), then one contiguous run of the query's segment up to
-    q_slot. A cache with interior padding or several packed segments is not this layout and
-    must use impl="xla".
+    q [B,1,N,H]; k/v [B,S,K,H] the cache with row b's new token already written at slot
+    q_slot_b[b] (rows may sit at different slots); starts_b [B] the first valid slot of each
+    row. Row b attends to slots [max(start_b, q_slot_b + 1 - window), q_slot_b], the model's
+    cache mask (`attention.cache_mask`); the kernel gets lengths q_slot_b + 1.
     """
     b, t, n, h = q_btnh.shape
     if t != 1:
@@ -177,7 +234,7 @@ def decode_attention(
     from qwen_jax.kernels import decode_attention as da
 
     backend, interpret = _backend()
-    lengths_b = jnp.broadcast_to(jnp.asarray(q_slot, jnp.int32) + 1, (b,))
+    lengths_b = q_slot_b.astype(jnp.int32) + 1
     window = jnp.asarray(window, jnp.int32)
 
     def run(q, k, v, lengths, starts, w):

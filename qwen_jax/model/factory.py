@@ -37,11 +37,10 @@ def create_model(cfg: QwenConfig, *, seed: int = 0, mesh: Mesh | None = None) ->
     graphdef, abstract_state = nnx.split(abstract_model(cfg, seed))
     shardings = tree_shardings(abstract_state, mesh)
 
-    @jax.jit
+    @jax.jit(out_shardings=shardings)
     def init():
         return nnx.state(Qwen(cfg, rngs=nnx.Rngs(seed)))
 
-    init = jax.jit(init.__wrapped__, out_shardings=shardings)
     with jax.set_mesh(mesh):
         state = init()
     return nnx.merge(graphdef, state)

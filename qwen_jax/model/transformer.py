@@ -2,8 +2,11 @@
 
 Parameters are NNX `Param`s holding arrays with a leading layer axis L and logical axis names in
 their `out_sharding` metadata (resolved by qwen_jax.sharding; eager sharding is off so the same
-module works abstractly, unsharded, or under a mesh). The forward pass is pure einsum math scanned
-over that layer axis, so compile time is flat in depth and remat is one `jax.checkpoint` policy.
+module works abstractly, unsharded, or under a mesh). One layer is the named pure functions of
+qwen_jax.model.layer; without a KV cache (training, scoring) the forward scans them over that
+layer axis, so compile time is flat in depth and remat is one `jax.checkpoint` policy. With a KV
+cache (qwen_jax.model.cache: per-layer buffers, per-row lengths and starts) or with per-layer
+weights (the inference engine) the layers run as an unrolled loop.
 
 Qwen v1's fused `c_attn` ([Q|K|V] in one matmul) is kept as three projections here: the math is
 identical, GQA and tensor-parallel head sharding stay uniform, and checkpoint I/O fuses/splits
@@ -12,7 +15,6 @@ identical, GQA and tensor-parallel head sharding stay uniform, and checkpoint I/
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -20,12 +22,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 
 from qwen_jax.model import dispatch, rope
-from qwen_jax.model.attention import attention
+from qwen_jax.model.cache import KVCache
 from qwen_jax.model.config import QwenConfig
-from qwen_jax.model.layers import rms_norm, swiglu
+from qwen_jax.model.layer import Context
+from qwen_jax.model.layer import layer as layer_fn
+from qwen_jax.model.layers import rms_norm
 from qwen_jax.sharding import shard
 
 # Per-layer parameters: name -> (shape builder, logical axes without the layer axis, init kind).
@@ -60,11 +63,6 @@ _BIASES = ("bq", "bk", "bv")
 
 def _param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
-
-
-def _keep_dtype(name: str, value: jax.Array) -> bool:
-    """int8 weights and their scales are not cast to the compute dtype (quantize.py)."""
-    return value.dtype == jnp.int8 or name.endswith("_scale")
 
 
 def _remat(fn, policy: str):
@@ -138,139 +136,101 @@ class Qwen(nnx.Module):
         *,
         positions_bt: jax.Array | None = None,
         segment_ids_bt: jax.Array | None = None,
-        cache: dict[str, jax.Array] | None = None,
+        cache: KVCache | None = None,
         rope_alpha_b: jax.Array | None = None,
         logn: bool = False,
         return_hidden: bool = False,
         layers: Sequence[dict[str, jax.Array]] | None = None,
-    ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+    ) -> tuple[jax.Array, KVCache | None]:
         """Run the decoder.
 
         Args:
           tokens_bt: [B, T] token ids.
-          positions_bt: [B, T] RoPE positions (default arange(T) + cache index).
+          positions_bt: [B, T] RoPE positions. Default arange(T) without a cache; with one,
+            each row's own positions (`KVCache.positions`: slot - start), so rows at
+            different lengths advance in one batch.
           segment_ids_bt: [B, T] document ids for packing; 0 marks padding. Default all ones.
-            For a padded batch this is exactly the usual attention mask (1 real, 0 pad).
-          cache: KV cache from `init_cache` ({"k","v": [L,B,S,K,H], "segment_ids": [B,S],
-            "index": int32 scalar}); the T new tokens are written at slots [index, index+T).
+            For a padded batch this is exactly the usual attention mask (1 real, 0 pad). Only
+            without a cache: a cache row's padding is its `starts` (qwen_jax.model.cache).
+          cache: a `KVCache`; row b's T new tokens are written at its slots [lengths[b],
+            lengths[b] + T) and attend to [starts[b], their slot].
           rope_alpha_b: [B] dynamic-NTK alpha per row (spec §2.1), None = plain RoPE.
           logn: scale queries by LogN (spec §2.2) beyond cfg.seq_length (inference only).
           return_hidden: return the final-norm hidden states [B, T, D] instead of logits.
           layers: per-layer parameters (L dicts of `Blocks.stacked()`'s names without the
-            layer axis) used instead of `self.blocks`, in an unrolled loop instead of the
-            layer scan. The inference engine passes them (`unstack_layers`): XLA:CPU copies
-            each scanned layer's weight slice before its matmuls, which at decode's batch
-            sizes costs more than the matmuls themselves (see the engine's docstring).
+            layer axis) used instead of `self.blocks`. The inference engine passes them
+            (`unstack_layers`): XLA:CPU copies each scanned layer's weight slice before its
+            matmuls, which at decode's batch sizes costs more than the matmuls themselves.
+
+        Without a cache and without `layers` the layers run as one `lax.scan` over the stacked
+        parameters (training: flat compile time in depth, one remat policy); otherwise as an
+        unrolled loop, each layer updating its own cache buffers in place.
 
         Returns:
           (logits [B, T, V] fp32 or hidden [B, T, D], updated cache or None)
         """
         cfg = self.cfg
         b, t = tokens_bt.shape
-        start = jnp.zeros((), jnp.int32) if cache is None else cache["index"]
-        slots_t = start + jnp.arange(t, dtype=jnp.int32)
-        q_slot_bt = jnp.broadcast_to(slots_t, (b, t))
+        if cache is None:
+            q_slot_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            if segment_ids_bt is None:
+                segment_ids_bt = jnp.ones((b, t), jnp.int32)
+            segment_ids_bt = segment_ids_bt.astype(jnp.int32)
+            default_positions = q_slot_bt
+        else:
+            if segment_ids_bt is not None:
+                raise ValueError(
+                    "segment_ids_bt is for calls without a KV cache; a cache row's padding is "
+                    "its starts (KVCache.init(starts_b=...))"
+                )
+            q_slot_bt = cache.query_slots(t)
+            default_positions = cache.positions(t)
         if positions_bt is None:
-            positions_bt = q_slot_bt
-        if segment_ids_bt is None:
-            segment_ids_bt = jnp.ones((b, t), jnp.int32)
-        segment_ids_bt = segment_ids_bt.astype(jnp.int32)
-
-        kv_segment_bs = segment_ids_bt
-        if cache is not None:
-            kv_segment_bs = jax.lax.dynamic_update_slice(
-                cache["segment_ids"], segment_ids_bt, (0, start)
-            )
+            positions_bt = default_positions
 
         cos, sin = rope.rope_angles(positions_bt, cfg.head_dim, cfg.rope_base, rope_alpha_b)
-        q_scale_bt = rope.logn_scale(positions_bt, cfg.seq_length) if logn else None
+        ctx = Context(
+            cos_bth=cos,
+            sin_bth=sin,
+            q_scale_bt=rope.logn_scale(positions_bt, cfg.seq_length) if logn else None,
+            q_slot_bt=q_slot_bt,
+            segment_ids_bt=segment_ids_bt,
+            starts_b=None if cache is None else cache.starts,
+            lengths_b=None if cache is None else cache.lengths,
+        )
         windows_l = jnp.asarray(cfg.attn_windows or (0,) * cfg.num_layers, jnp.int32)
 
-        # Attention path. Without a cache (training, scoring) T == S and q_slot == arange(T):
-        # the flash kernel's layout. Decoding one token against the cache takes the decode
-        # kernel. Prefilling T > 1 tokens into a cache stays on XLA: the queries sit at an offset
-        # into a longer, left-padded cache, a layout neither kernel serves (and prefill is one
-        # call per prompt, decode the per-token loop).
-        decode_kernel = cache is not None and t == 1 and cfg.attention_impl == "pallas"
-        attn_impl = cfg.attention_impl if cache is None else "xla"
-        starts_b = dispatch.cache_starts(kv_segment_bs) if decode_kernel else None
-        mm = functools.partial(dispatch.matmul, impl=cfg.matmul_impl)
-
-        dt = cfg.compute_dtype
         x = jnp.take(self.wte[...], tokens_bt, axis=0)
         if hasattr(self, "wte_scale"):  # int8 tied table: rows scale like the head's channels
             x = x.astype(jnp.float32) * jnp.take(self.wte_scale[...], tokens_bt, axis=0)[..., None]
-        x = x.astype(dt)
+        x = x.astype(cfg.compute_dtype)
         x = shard(x, "batch", "act_seq", "act_embed")
 
-        # The cache rides in the scan carry and is updated in place at [layer, :, index): as
-        # scanned inputs/outputs every decode step would copy the whole cache several times.
-        def layer(carry, xs):
-            x_btd, k_cache, v_cache = carry
-            p, window, layer_idx = xs
-            # int8 weights and their fp32 scales go to the matmul as they are (quantize.py).
-            p = {k: v if _keep_dtype(k, v) else v.astype(dt) for k, v in p.items()}
-            scale_of = {k: p.get(f"{k}_scale") for k in _LAYER_PARAMS}
-            h = rms_norm(x_btd, p["ln_1"], cfg.rms_eps)
-            q = mm("btd,dnh->btnh", h, p["wq"], scale=scale_of["wq"])
-            k = mm("btd,dkh->btkh", h, p["wk"], scale=scale_of["wk"])
-            v = mm("btd,dkh->btkh", h, p["wv"], scale=scale_of["wv"])
-            if cfg.qkv_bias:
-                q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
-            q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
-            if q_scale_bt is not None:
-                q = (q.astype(jnp.float32) * q_scale_bt[:, :, None, None]).astype(dt)
-            q = checkpoint_name(shard(q, "batch", None, "act_heads", None), "q")
-            k = checkpoint_name(k, "k")
-            v = checkpoint_name(v, "v")
-            if k_cache is not None:
-                at = (layer_idx, 0, start, 0, 0)
-                k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
-                v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
-                k_att, v_att = k_cache[layer_idx].astype(dt), v_cache[layer_idx].astype(dt)
-            else:
-                k_att, v_att = k, v
-            if decode_kernel:
-                o = dispatch.decode_attention(
-                    q, k_att, v_att, q_slot=start, starts_b=starts_b, window=window
-                )
-            else:
-                o = attention(
-                    q,
-                    k_att,
-                    v_att,
-                    q_slot_bt=q_slot_bt,
-                    q_segment_bt=segment_ids_bt,
-                    kv_segment_bs=kv_segment_bs,
-                    window=window,
-                    impl=attn_impl,
-                )
-            o = checkpoint_name(o, "attn_out")
-            x_btd = x_btd + mm("btnh,nhd->btd", o, p["wo"], scale=scale_of["wo"])
-            h = rms_norm(x_btd, p["ln_2"], cfg.rms_eps)
-            mlp_scales = (scale_of["w1"], scale_of["w2"], scale_of["c_proj"])
-            x_btd = x_btd + swiglu(
-                h, p["w1"], p["w2"], p["c_proj"], impl=cfg.matmul_impl, scales=mlp_scales
-            )
-            x_btd = shard(x_btd, "batch", "act_seq", "act_embed")
-            return (x_btd, k_cache, v_cache), None
+        if cache is None and layers is None:
 
-        kv = (None, None) if cache is None else (cache["k"], cache["v"])
-        if layers is None:
-            xs = (self.blocks.stacked(), windows_l, jnp.arange(cfg.num_layers))
-            (x, k_new, v_new), _ = jax.lax.scan(_remat(layer, cfg.remat_policy), (x, *kv), xs)
+            def body(x_btd, xs):
+                p, window = xs
+                return layer_fn(cfg, p, x_btd, ctx, window)[0], None
+
+            xs = (self.blocks.stacked(), windows_l)
+            x, _ = jax.lax.scan(_remat(body, cfg.remat_policy), x, xs)
+            new_cache = None
         else:
+            if layers is None:
+                stacked = self.blocks.stacked()
+                layers = [{k: v[i] for k, v in stacked.items()} for i in range(cfg.num_layers)]
             if len(layers) != cfg.num_layers:
                 raise ValueError(f"got {len(layers)} per-layer params for {cfg.num_layers} layers")
-            carry = (x, *kv)
+            ks, vs = [], []
             for i, p in enumerate(layers):
-                carry, _ = layer(carry, (p, windows_l[i], i))
-            x, k_new, v_new = carry
+                kv = None if cache is None else (cache.k[i], cache.v[i])
+                x, kv = layer_fn(cfg, p, x, ctx, windows_l[i], kv)
+                if kv is not None:
+                    ks.append(kv[0])
+                    vs.append(kv[1])
+            new_cache = None if cache is None else cache.advanced(ks, vs, t)
 
         h = rms_norm(x, self.ln_f[...], cfg.rms_eps)
-        new_cache = None
-        if cache is not None:
-            new_cache = {"k": k_new, "v": v_new, "segment_ids": kv_segment_bs, "index": start + t}
         if return_hidden:
             return h, new_cache
         return self.logits(h), new_cache
@@ -302,20 +262,47 @@ class Qwen(nnx.Module):
         return shard(out, "batch", "act_seq", "act_vocab")
 
 
-def unstack_layers(state: nnx.State) -> tuple[nnx.State, list[dict[str, jax.Array]]]:
+@jax.jit
+def split_layers(x_l: jax.Array) -> tuple[jax.Array, ...]:
+    """[L, ...] -> L separate arrays [...] (fresh buffers; the layer axis is unsharded, so each
+    keeps the other axes' sharding)."""
+    return tuple(x_l[i] for i in range(x_l.shape[0]))
+
+
+@jax.jit
+def copy_arrays(tree):
+    """Fresh buffers holding the same values (jit never aliases a non-donated input)."""
+    return jax.tree.map(jnp.copy, tree)
+
+
+def unstack_layers(
+    state: nnx.State, *, donate: bool = False
+) -> tuple[nnx.State, list[dict[str, jax.Array]]]:
     """Split a Qwen state's stacked block parameters into per-layer arrays.
 
     Returns (state with each stacked block parameter replaced by an empty placeholder, L dicts
     of separate per-layer arrays with the layer axis dropped) for `Qwen.__call__(layers=...)`.
-    The per-layer arrays keep the stacked arrays' sharding; the placeholders hold no memory
-    (the stacked arrays are released when nothing else references them).
+    The per-layer arrays keep the stacked arrays' sharding. One parameter is split at a time,
+    so at most one stacked parameter exists twice.
+
+    donate=True takes the weights: each stacked array is deleted once split (the model the
+    state came from can no longer run) and the other parameters are shared, so one copy of the
+    weights exists. donate=False leaves `state` intact and copies everything, so the result
+    shares no buffer with it (a later training step may donate those).
     """
     pure = nnx.to_pure_dict(state)
     stacked = pure["blocks"]
     n = next(iter(stacked.values())).shape[0]
-    layers = jax.jit(lambda st: [{k: v[i] for k, v in st.items()} for i in range(n)])(stacked)
+    layers: list[dict[str, jax.Array]] = [{} for _ in range(n)]
+    for name, x in stacked.items():
+        for i, part in enumerate(split_layers(x)):
+            layers[i][name] = part
+        if donate:
+            x.delete()
     pure["blocks"] = {k: jnp.zeros((0,), v.dtype) for k, v in stacked.items()}
-    state = jax.tree.map(lambda x: x, state)  # a copy: the caller's state stays intact
+    if not donate:
+        pure = copy_arrays(pure)
+    state = jax.tree.map(lambda x: x, state)  # a new tree; the caller's state object is kept
     nnx.replace_by_pure_dict(state, pure)
     return state, layers
 
@@ -327,21 +314,6 @@ def restack_layers(state: nnx.State, layers: Sequence[dict[str, jax.Array]]) -> 
     state = jax.tree.map(lambda x: x, state)
     nnx.replace_by_pure_dict(state, pure)
     return state
-
-
-def init_cache(
-    cfg: QwenConfig, batch: int, max_len: int, dtype: Any = None
-) -> dict[str, jax.Array]:
-    """Empty KV cache: k/v [L, B, S, K, H], segment ids [B, S] (0 = empty), write index 0."""
-    dtype = dtype or cfg.compute_dtype
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    k = shard(jnp.zeros(shape, dtype), None, "cache_batch", "cache_seq", "cache_kv_heads", None)
-    return {
-        "k": k,
-        "v": jnp.zeros_like(k),
-        "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
-        "index": jnp.zeros((), jnp.int32),
-    }
 
 
 def positions_from_mask(mask_bt: jax.Array) -> jax.Array:

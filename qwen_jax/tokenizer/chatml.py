@@ -18,9 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from qwen_jax.tokenizer.base import IM_END, IM_START, Tokenizer
+from qwen_jax.tokenizer.base import ENDOFTEXT, IM_END, IM_START, Tokenizer
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
+# Qwen-Chat stops at <|im_end|> or <|im_start|> (spec §5.1); <|endoftext|> ends any generation.
+STOP_TOKENS = (IM_END, IM_START, ENDOFTEXT)
 ROLES = ("system", "user", "assistant")
 Message = Mapping[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
 
@@ -79,6 +81,12 @@ def sft_example(
         ids += i
         weights += w
     return ids, weights
+
+
+def stop_ids(tok: Tokenizer) -> list[int]:
+    """Token ids of STOP_TOKENS in `tok` (what a chat generation stops at)."""
+    im_start, im_end, _ = _chatml_ids(tok)
+    return [im_end, im_start, tok.eod_id]
 
 
 def assistant_header(tok: Tokenizer) -> list[int]:

@@ -13,14 +13,12 @@ import re
 import time
 
 import jax
-import jax.numpy as jnp
 
+from qwen_jax import hardware
 from qwen_jax.sharding import make_mesh
 from qwen_jax.train.config import TrainConfig
 
-GIB = 1 << 30
-# HBM per device as JAX exposes devices (v4/v5p: one megacore device per chip).
-HBM_BYTES = {"v4": 32 * GIB, "v5p": 95 * GIB, "v5e": 16 * GIB, "v6e": 32 * GIB}
+GIB = hardware.GIB
 _2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 _3D = {
     4: "2x2x1",
@@ -38,41 +36,31 @@ _3D = {
 
 
 def topology_devices(name: str):
-    """Compile-only devices of a slice named like Cloud TPU accelerator types.
+    """Compile-only devices of a slice named like Cloud TPU accelerator types; (chip, devices).
 
-    v4-N and v5p-N count TensorCores (N/2 megacore chips); v5e-N and v6e-N count chips.
+    v4-N and v5p-N count TensorCores (N/2 megacore chips, one JAX device each); v5e-N and v6e-N
+    count chips. Chip facts (topology names, cores per device) come from `qwen_jax.hardware`.
     """
     m = re.fullmatch(r"(v4|v5p|v5e|v6e)-(\d+)", name)
     if not m:
         raise ValueError(f"unknown topology {name!r}; expected v4-N, v5p-N, v5e-N or v6e-N")
-    gen, n = m.group(1), int(m.group(2))
+    chip, n = hardware.CHIPS[m.group(1)], int(m.group(2))
     from jax.experimental import topologies
 
-    if gen in ("v4", "v5p"):
-        chips = n // 2
-        if chips not in _3D:
-            raise ValueError(f"{name}: {chips} chips is not a supported slice ({sorted(_3D)})")
-        prefix = "v4" if gen == "v4" else "v5"
-        desc = topologies.get_topology_desc(
-            topology_name=f"{prefix}:{_3D[chips]}",
-            platform="tpu",
-            chip_config_name="megacore",
-            chips_per_host_bounds=(2, 2, 1),
-            num_slices=1,
-            wrap=(chips >= 64,) * 3,
-        )
-    else:
-        if n not in _2D:
-            raise ValueError(f"{name}: {n} chips is not a supported slice ({sorted(_2D)})")
-        desc = topologies.get_topology_desc(
-            topology_name=f"{gen}:{_2D[n]}",
-            platform="tpu",
-            chip_config_name="default",
-            chips_per_host_bounds=(2, 2, 1),
-            num_slices=1,
-            wrap=(False, False, False),
-        )
-    return gen, desc.devices
+    prefix, chip_config = chip.topology
+    chips = n // chip.cores_per_chip if chip.slice_counts_cores else n
+    shapes = _3D if chip.slice_counts_cores else _2D  # v4/v5p: 3D torus; v5e/v6e: 2D
+    if chips not in shapes:
+        raise ValueError(f"{name}: {chips} chips is not a supported slice ({sorted(shapes)})")
+    desc = topologies.get_topology_desc(
+        topology_name=f"{prefix}:{shapes[chips]}",
+        platform="tpu",
+        chip_config_name=chip_config,
+        chips_per_host_bounds=(2, 2, 1),
+        num_slices=1,
+        wrap=(shapes is _3D and chips >= 64,) * 3,
+    )
+    return chip.name, desc.devices
 
 
 @dataclasses.dataclass
@@ -115,29 +103,18 @@ class CompileReport:
 
 def compile_for_topology(config: TrainConfig, topology: str, *, fast: bool = False):
     """Lower and compile the experiment's train step for `topology`; never allocates."""
-    from qwen_jax.train.trainer import build_step_functions
+    from qwen_jax.train.step import build_steps
 
     if not topology:
         raise ValueError("no topology: pass --topology or set config.tpu.topology")
     gen, devices = topology_devices(topology)
     mesh = make_mesh(config.mesh, devices=devices)
     model_cfg = config.model_config()
-    abstract, state_sh, batch_sh, _, train_fn, _ = build_step_functions(config, model_cfg, mesh)
-    state_in = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh
-    )
-    shape = (config.data.global_batch, config.data.seq_len)
-    batch_in = {
-        k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh)
-        for k in (
-            "decoder_input_tokens",
-            "decoder_target_tokens",
-            "decoder_loss_weights",
-            "decoder_segment_ids",
-            "decoder_positions",
-        )
-    }
-    report = CompileReport(topology, len(devices), dict(mesh.shape), HBM_BYTES[gen])
+    steps = build_steps(config, model_cfg, mesh)
+    train_fn = steps.train
+    state_in = steps.sharded_abstract_state()
+    batch_in = steps.abstract_batch(config.data.global_batch, config.data.seq_len)
+    report = CompileReport(topology, len(devices), dict(mesh.shape), hardware.CHIPS[gen].hbm_bytes)
     tokens = config.data.global_batch * config.data.seq_len
     report.model_flops_per_step = (
         model_cfg.flops_per_token(config.data.seq_len) * tokens / len(devices)

@@ -7,14 +7,14 @@ import time
 import jax
 import numpy as np
 
-from qwen_jax.benchmark import TRAIN_BATCH, TRAIN_LEN, emit
+from qwen_jax.bench_shapes import TRAIN_BATCH, TRAIN_LEN, emit
 from qwen_jax.model.config import QwenConfig
 from qwen_jax.sharding import MeshConfig, make_mesh
 from qwen_jax.train.config import TrainConfig
 from qwen_jax.train.metrics import measured_cpu_matmul_peak
+from qwen_jax.train.objectives import ObjectiveConfig
 from qwen_jax.train.optim import OptimConfig
-from qwen_jax.train.step import StepConfig
-from qwen_jax.train.trainer import build_step_functions
+from qwen_jax.train.step import build_steps
 
 
 def bench_train(cfg: QwenConfig, steps: int = 5) -> dict:
@@ -22,11 +22,11 @@ def bench_train(cfg: QwenConfig, steps: int = 5) -> dict:
     config = TrainConfig(
         model_preset="tiny",
         optim=OptimConfig(peak_lr=1e-4, warmup_steps=1, total_steps=1000),
-        step=StepConfig(loss_chunk=TRAIN_LEN),
+        objective=ObjectiveConfig(loss_chunk=TRAIN_LEN),
         mesh=MeshConfig(1, 1, 1),
     )
     mesh = make_mesh(config.mesh, devices=jax.devices()[:1])
-    _, _, batch_sh, init_fn, train_fn, _ = build_step_functions(config, cfg, mesh)
+    built = build_steps(config, cfg, mesh)
     rng = np.random.default_rng(0)
     toks = rng.integers(0, cfg.vocab_size, size=(TRAIN_BATCH, TRAIN_LEN + 1)).astype(np.int32)
     host = {
@@ -37,15 +37,15 @@ def bench_train(cfg: QwenConfig, steps: int = 5) -> dict:
         "decoder_positions": np.tile(np.arange(TRAIN_LEN, dtype=np.int32), (TRAIN_BATCH, 1)),
     }
     with jax.set_mesh(mesh):
-        batch = {k: jax.device_put(v, batch_sh) for k, v in host.items()}
-        state = init_fn()
+        batch = built.device_batch(host)
+        state = built.init()
         for _ in range(2):  # compile + one warm step
-            state, metrics = train_fn(state, batch)
+            state, metrics = built.train(state, batch)
         jax.block_until_ready(metrics)
         times = []
         for _ in range(steps):
             t = time.perf_counter()
-            state, metrics = train_fn(state, batch)
+            state, metrics = built.train(state, batch)
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - t)
     step_s = float(np.median(times))

@@ -18,6 +18,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from qwen_jax.checkpoint import CheckpointError
+
 log = logging.getLogger(__name__)
 
 
@@ -34,6 +36,7 @@ RESUMABLE_CHANGES = {
     "run.checkpoint_every",
     "run.keep_checkpoints",
     "run.async_checkpoints",
+    "init_from",  # read only when a run starts; a resume ignores it
 }
 
 
@@ -127,6 +130,47 @@ class TrainCheckpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def restore_params(
+    directory: str | Path, abstract_params, step: int | None = None
+) -> tuple[int, Any] | None:
+    """(step, params) of the newest step of a checkpoints directory whose params restore, or
+    None. Only the params are read (the optimizer state stays on disk), into `abstract_params`'
+    shapes, dtypes and shardings. With `step`, that step only: a missing step is a
+    CheckpointError and a damaged one raises Orbax's error."""
+    args = jax.tree.map(
+        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype), abstract_params
+    )
+    with ocp.CheckpointManager(Path(directory).absolute()) as manager:
+        steps = sorted(manager.all_steps(), reverse=True)
+        if step is not None and step not in steps:
+            raise CheckpointError(f"no checkpoint step {step} in {directory} ({steps[::-1]})")
+        for at in steps if step is None else [step]:
+            try:
+                out = manager.restore(
+                    at,
+                    args=ocp.args.Composite(
+                        state=ocp.args.PyTreeRestore(
+                            {"params": abstract_params},
+                            restore_args={"params": args},
+                            partial_restore=True,
+                        )
+                    ),
+                )
+            except Exception as e:  # noqa: BLE001 - any damage means "try an older step"
+                if step is not None:
+                    raise
+                log.warning("checkpoint step %d: params could not be restored (%s)", at, e)
+                continue
+            return at, out["state"]["params"]
+    return None
+
+
+def has_checkpoint(directory: str | Path) -> bool:
+    """Whether a checkpoints directory holds a committed step (without creating anything)."""
+    path = Path(directory)
+    return path.is_dir() and any(p.is_dir() and p.name.isdigit() for p in path.iterdir())
 
 
 def abstract_like(tree):

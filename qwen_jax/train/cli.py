@@ -67,7 +67,8 @@ def train_main(argv: list[str]) -> int:
         raise SystemExit("qwen-jax train: error: --workdir is required")
     config = _typed_config(fv)
     from qwen_jax.train.checkpointing import ConfigMismatchError
-    from qwen_jax.train.trainer import init_distributed, train
+    from qwen_jax.train.distributed import init_distributed
+    from qwen_jax.train.loop import train
 
     init_distributed(fv.coordinator_address, fv.num_processes, fv.process_id)
     try:

@@ -17,20 +17,23 @@ import ml_collections
 
 from qwen_jax.model.config import PRESETS, QwenConfig, tiny
 from qwen_jax.sharding import MeshConfig
+from qwen_jax.train.objectives import ObjectiveConfig, make_objective
 from qwen_jax.train.optim import OptimConfig
 from qwen_jax.train.step import StepConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    mixture: str = "demo_pretrain_v1"  # seqio task or mixture name
-    eval_mixture: str = ""  # "" = no held-out eval
+    # A registered seqio Task or Mixture, or user files: a path or glob (comma-separated for
+    # several) of .jsonl ("text" field) / .txt (one document per file), local or gs://.
+    mixture: str = "demo_pretrain_v1"
+    eval_mixture: str = ""  # the same kinds of names; "" = no held-out eval
     eval_split: str = "validation"
     data_dir: str = ""  # where file-backed tasks read from ("" = task default)
     tokenizer: str = "qwen"  # "qwen" (real qwen.tiktoken) or a path (SentencePiece/tiktoken/HF)
     seq_len: int = 2048
     global_batch: int = 8  # sequences per step over all hosts
-    num_shards: int = 0  # logical data shards (0 = one per process); see trainer docstring
+    num_shards: int = 0  # logical data shards (0 = one per process); see data_sharding.py
     seed: int = 0
     pack: bool = True
 
@@ -54,16 +57,24 @@ class TpuConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Everything a run needs. `model` is a preset name plus field overrides (None = preset's)."""
+    """Everything a run needs. `model` is a preset name plus field overrides (None = preset's).
+
+    `init_from` starts a new run (never a resume: a checkpoint in the workdir wins) from the
+    weights of a params export, a training workdir / its checkpoints directory (the latest
+    step that restores), or a Hugging Face directory; the optimizer and the step start fresh
+    (train/init_from.py). "" = random initialisation.
+    """
 
     model_preset: str = "tiny"
     model_overrides: tuple[tuple[str, Any], ...] = ()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     step: StepConfig = StepConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
     run: RunConfig = RunConfig()
     mesh: MeshConfig = MeshConfig()
     tpu: TpuConfig = TpuConfig()
+    init_from: str = ""
 
     def model_config(self, vocab_size: int | None = None) -> QwenConfig:
         """The architecture; `vocab_size` (from the tokenizer) applies unless overridden."""
@@ -86,6 +97,7 @@ class TrainConfig:
     def defaults() -> ml_collections.ConfigDict:
         """A ConfigDict with every field (model fields as typed placeholders)."""
         c = ml_collections.ConfigDict()
+        c.init_from = ""
         c.model = ml_collections.ConfigDict({"preset": "tiny"})
         hints = typing.get_type_hints(QwenConfig)
         for f in dataclasses.fields(QwenConfig):
@@ -98,9 +110,11 @@ class TrainConfig:
     def from_config_dict(cls, c: ml_collections.ConfigDict) -> TrainConfig:
         """Validate and convert; unknown keys or wrong types raise ValueError naming them."""
         d = c.to_dict()
-        unknown = sorted(set(d) - {"model", *_SECTIONS})
+        unknown = sorted(set(d) - {"model", "init_from", *_SECTIONS})
         if unknown:
             raise ValueError(f"unknown config section(s) {unknown}")
+        init_from = d.get("init_from", "")
+        _check_type("init_from", init_from, str)
         model = dict(d.get("model", {}))
         preset = model.pop("preset", "tiny")
         fields = {f.name: f for f in dataclasses.fields(QwenConfig)}
@@ -118,13 +132,17 @@ class TrainConfig:
         sections = {}
         for name, scls in _SECTIONS.items():
             sections[name] = _build(name, scls, d.get(name, {}))
-        out = cls(model_preset=preset, model_overrides=tuple(overrides), **sections)
+        out = cls(
+            model_preset=preset, model_overrides=tuple(overrides), init_from=init_from, **sections
+        )
         out.model_config()  # fail now on a bad preset or field combination
+        make_objective(out.objective)  # ... or an unknown objective
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"model": {"preset": self.model_preset, **dict(self.model_overrides)}}
+        out: dict[str, Any] = {"model": {"preset": self.model_preset, **dict(self.model_overrides)}}
         out.update({name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS})
+        out["init_from"] = self.init_from
         return out
 
 
@@ -147,6 +165,7 @@ _SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "optim": OptimConfig,
     "step": StepConfig,
+    "objective": ObjectiveConfig,
     "run": RunConfig,
     "mesh": MeshConfig,
     "tpu": TpuConfig,
@@ -184,3 +203,25 @@ def _build(section: str, cls: type, values: dict[str, Any]):
     for key, value in values.items():
         _check_type(f"{section}.{key}", value, hints[key])
     return cls(**{k: (float(v) if hints[k] is float else v) for k, v in values.items()})
+
+
+def load_experiment(path, arg: str | None = None) -> ml_collections.ConfigDict:
+    """An experiment file's ConfigDict: `get_config(arg)`, as `--config=path[:arg]` loads it.
+
+    THE loader outside the CLI (the demo, scripts, tests). `path` may carry the argument
+    ("experiments/pretrain/tiny.py:runlocal") when `arg` is None; without one, `get_config()` is
+    called with no argument, like ml_collections' config_flags does.
+    """
+    import importlib.util
+    import re
+
+    path = str(path)
+    m = re.fullmatch(r"(.+\.py):(.*)", path)
+    if m and arg is None:
+        path, arg = m.groups()
+    spec = importlib.util.spec_from_file_location("experiment", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"no experiment file at {path!r}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if arg is None else module.get_config(arg)

@@ -14,15 +14,13 @@ import sys
 from pathlib import Path
 
 import jax
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from qwen_jax.checkpoint import CheckpointError, save_hf, save_params
 from qwen_jax.checkpoint.params import config_from_json
 from qwen_jax.model.factory import abstract_model
 from qwen_jax.sharding import make_mesh, tree_shardings
-from qwen_jax.train.optim import OptimConfig, make_optimizer
-from qwen_jax.train.step import init_state
+from qwen_jax.train.checkpointing import restore_params
 
 
 def run_model_config(workdir: Path):
@@ -34,24 +32,21 @@ def run_model_config(workdir: Path):
 
 
 def restore_model(workdir: Path, step: int | None = None):
-    """The params of a training checkpoint as a model (on all local devices, FSDP-sharded)."""
+    """The params of a training checkpoint (newest restorable step, or `step`) as a model on all
+    local devices, FSDP-sharded. Only the params are read, not the optimizer state."""
     model_cfg, run = run_model_config(workdir)
     mesh = make_mesh("fsdp")
-    tx = make_optimizer(OptimConfig(**run["optim"]))
-    abstract = jax.eval_shape(lambda: init_state(abstract_model(model_cfg), tx))
-    shardings = tree_shardings(abstract, mesh)
+    graphdef, params = nnx.split(abstract_model(model_cfg), nnx.Param)
     target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        params,
+        tree_shardings(params, mesh),
     )
-    with ocp.CheckpointManager((workdir / "checkpoints").absolute()) as mgr:
-        step = mgr.latest_step() if step is None else step
-        if step is None or step not in mgr.all_steps():
-            raise CheckpointError(f"no checkpoint step {step} in {workdir} ({mgr.all_steps()})")
-        state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))[
-            "state"
-        ]
-    graphdef, _ = nnx.split(abstract_model(model_cfg), nnx.Param)
-    return step, nnx.merge(graphdef, state["params"]), run
+    found = restore_params(workdir / "checkpoints", target, step=step)
+    if found is None:
+        raise CheckpointError(f"no restorable checkpoint in {workdir / 'checkpoints'}")
+    step, params = found
+    return step, nnx.merge(graphdef, params), run
 
 
 def tokenizer_files(spec: str) -> list[Path]:

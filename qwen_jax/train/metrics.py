@@ -10,16 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-# Dense bf16 peak FLOP/s per device (chip, or per core where JAX shows cores as devices).
-_PEAK_FLOPS = {
-    "TPU v4": 275e12 / 2,  # v4 exposes 2 devices (cores) per chip without megacore
-    "TPU v5 lite": 197e12,
-    "TPU v5": 459e12,
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-}
+from qwen_jax import hardware
 
 
 @functools.cache
@@ -36,12 +27,18 @@ def measured_cpu_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def peak_flops_per_device() -> float:
-    kind = jax.devices()[0].device_kind
-    for prefix, value in _PEAK_FLOPS.items():
-        if kind.startswith(prefix):
-            return value
-    return measured_cpu_matmul_peak()
+def peak_flops_per_device(dtype="bfloat16", device=None) -> float:
+    """Peak matmul FLOP/s of one device (default: the first) for MFU, from the hardware table.
+
+    bf16 by default: accelerator runs compute in bf16 (design.md §3). Where the table has no
+    published figure (CPU; fp32 on TPU) the peak is measured on the default device instead.
+    """
+    device = jax.devices()[0] if device is None else device
+    try:
+        peak = hardware.chip_for_device_kind(device.device_kind).peak_flops(dtype)
+    except ValueError:  # a chip not in the table: measured stays measured
+        peak = None
+    return measured_cpu_matmul_peak() if peak is None else peak
 
 
 class MetricsWriter:

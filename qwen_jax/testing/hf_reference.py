@@ -1,17 +1,20 @@
 """Builders for the independent reference: transformers `Qwen2ForCausalLM` on random weights.
 
-Shared by the model-parity, export and generation tests. torch/transformers are imported only here.
+Shared by the model-parity, export and generation tests. torch, transformers and safetensors'
+torch API are peers (the `test` extra, design.md §3): imported inside each function, so importing
+qwen_jax.testing never needs them.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from safetensors.torch import save_file
-from transformers import Qwen2Config, Qwen2ForCausalLM
+
+if TYPE_CHECKING:
+    from transformers import Qwen2ForCausalLM
 
 
 def make_hf_model(
@@ -27,6 +30,9 @@ def make_hf_model(
     seed: int = 0,
 ) -> Qwen2ForCausalLM:
     """A tiny Qwen2 with every parameter (norms and biases too) drawn at random."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=vocab,
@@ -53,6 +59,8 @@ def make_hf_model(
 
 def hf_logits(model, tokens: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """fp32 logits [B, T, V]; positions from the mask the way `generate` computes them."""
+    import torch
+
     ids = torch.tensor(np.asarray(tokens), dtype=torch.long)
     kwargs = {}
     if mask is not None:
@@ -65,6 +73,9 @@ def hf_logits(model, tokens: np.ndarray, mask: np.ndarray | None = None) -> np.n
 
 def save_as_qwen_v1(model: Qwen2ForCausalLM, out: Path) -> Path:
     """Write `model` under Qwen v1 names: q/k/v fused into c_attn rows [Q;K;V] (MHA only)."""
+    import torch
+    from safetensors.torch import save_file
+
     cfg = model.config
     assert cfg.num_key_value_heads == cfg.num_attention_heads, "v1 has no GQA"
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
