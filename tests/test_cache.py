@@ -20,8 +20,8 @@ from qwen_jax import sharding
 from qwen_jax.infer import engine as E
 from qwen_jax.infer.engine import Engine
 from qwen_jax.infer.sampling import SamplingParams
+from qwen_jax.model import block as L
 from qwen_jax.model import config as C
-from qwen_jax.model import layer as L
 from qwen_jax.model import rope
 from qwen_jax.model.cache import KV_AXES, KVCache, write_rows
 from qwen_jax.model.factory import create_model

@@ -47,7 +47,6 @@ from qwen_jax.infer.longctx import prefill_alpha
 from qwen_jax.infer.sampling import SamplerSpec, SamplingParams, sample, seen_tokens
 from qwen_jax.infer.text import StopChecker
 from qwen_jax.model.cache import KVCache
-from qwen_jax.model.logprobs import token_logprobs
 from qwen_jax.model.transformer import (
     Qwen,
     copy_arrays,
@@ -144,13 +143,8 @@ def score_logprobs(graphdef, state, layers, tokens_bt, mask_bt, alpha_b):
         return_hidden=True,
         layers=layers,
     )
-    w_dv, scale_v = model._head()
-    w_dv = w_dv if scale_v is not None else w_dv.astype(h_btd.dtype)
     targets_bt = jnp.concatenate([tokens_bt[:, 1:], tokens_bt[:, :1]], axis=1)
-    logp_bt, _ = token_logprobs(
-        h_btd, w_dv, targets_bt, matmul_impl=model.cfg.matmul_impl, scale_v=scale_v
-    )
-    return logp_bt
+    return model.token_logprobs(h_btd, targets_bt)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "vocab"))

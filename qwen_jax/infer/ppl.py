@@ -33,7 +33,6 @@ from flax import nnx
 from qwen_jax.infer.longctx import with_long_context
 from qwen_jax.model import rope
 from qwen_jax.model.cache import KVCache
-from qwen_jax.model.logprobs import token_logprobs
 from qwen_jax.model.transformer import Qwen
 
 MAX_CHUNK = 512
@@ -85,18 +84,8 @@ def _nll_chunk(graphdef, state, tokens_bc, targets_bc, alpha_b, cache):
         logn=model.cfg.use_logn_attn,
         return_hidden=True,
     )
-    # The head as Qwen.logits applies it (int8 weights keep their scale, float ones take h's
-    # dtype); one block of C <= MAX_CHUNK positions, as the forward itself ran.
-    w_dv, scale_v = model._head()
-    w_dv = w_dv if scale_v is not None else w_dv.astype(h_bcd.dtype)
-    logp_bc, _ = token_logprobs(
-        h_bcd,
-        w_dv,
-        targets_bc,
-        chunk=h_bcd.shape[1],
-        matmul_impl=model.cfg.matmul_impl,
-        scale_v=scale_v,
-    )
+    # One block of C <= MAX_CHUNK positions through the head, as the forward itself ran.
+    logp_bc, _ = model.token_logprobs(h_bcd, targets_bc, chunk=h_bcd.shape[1])
     return -logp_bc, cache
 
 

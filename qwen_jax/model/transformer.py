@@ -3,7 +3,7 @@
 Parameters are NNX `Param`s holding arrays with a leading layer axis L and logical axis names in
 their `out_sharding` metadata (resolved by qwen_jax.sharding; eager sharding is off so the same
 module works abstractly, unsharded, or under a mesh). One layer is the named pure functions of
-qwen_jax.model.layer; without a KV cache (training, scoring) the forward scans them over that
+qwen_jax.model.block; without a KV cache (training, scoring) the forward scans them over that
 layer axis, so compile time is flat in depth and remat is one `jax.checkpoint` policy. With a KV
 cache (qwen_jax.model.cache: per-layer buffers, per-row lengths and starts) or with per-layer
 weights (the inference engine) the layers run as an unrolled loop.
@@ -24,11 +24,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwen_jax.model import dispatch, rope
+from qwen_jax.model.block import Context
+from qwen_jax.model.block import layer as layer_fn
 from qwen_jax.model.cache import KVCache
 from qwen_jax.model.config import QwenConfig
-from qwen_jax.model.layer import Context
-from qwen_jax.model.layer import layer as layer_fn
 from qwen_jax.model.layers import rms_norm
+from qwen_jax.model.logprobs import token_logprobs
 from qwen_jax.sharding import shard
 
 # Per-layer parameters: name -> (shape builder, logical axes without the layer axis, init kind).
@@ -252,14 +253,28 @@ class Qwen(nnx.Module):
             )
         return w
 
+    def _head_for(self, h_btd: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """The head as applied to h: float weights take h's dtype, int8 keep their scale."""
+        w, scale = self._head()
+        return (w if scale is not None else w.astype(h_btd.dtype)), scale
+
     def logits(self, h_btd: jax.Array) -> jax.Array:
         """[B, T, D] -> fp32 logits [B, T, V] (compute-dtype inputs, fp32 accumulation)."""
-        w, scale = self._head()
-        w = w if scale is not None else w.astype(h_btd.dtype)
+        w, scale = self._head_for(h_btd)
         out = dispatch.matmul(
             "btd,dv->btv", h_btd, w, impl=self.cfg.matmul_impl, out_dtype=jnp.float32, scale=scale
         )
         return shard(out, "batch", "act_seq", "act_vocab")
+
+    def token_logprobs(
+        self, h_btd: jax.Array, targets_bt: jax.Array, *, chunk: int = 256
+    ) -> tuple[jax.Array, jax.Array]:
+        """(log p(target), logsumexp) fp32 [B, T] from final hidden states [B, T, D] through
+        this model's head, applied as `logits` applies it (qwen_jax.model.logprobs)."""
+        w, scale = self._head_for(h_btd)
+        return token_logprobs(
+            h_btd, w, targets_bt, chunk=chunk, matmul_impl=self.cfg.matmul_impl, scale_v=scale
+        )
 
 
 @jax.jit
