@@ -1,6 +1,7 @@
 """The training peer: transformers `Qwen2ForCausalLM`, PyTorch eager on CPU, bench shape.
 
-Same shape (qwen_jax.benchmark.BENCH_CONFIG), same workload (batch 4 x 256, next-token CE,
+Same shape (the "bench" row of qwen_jax/bench_shapes.py, read as a plain file: the peer never
+imports qwen_jax), same workload (batch 4 x 256, next-token CE,
 global-norm clip 1.0, AdamW (0.9, 0.95, 1e-8, wd 0.1)), fp32, threads = CPU cores, and the same
 JSON line as `qwen-jax bench --what train`, with "impl": "transformers".
 
@@ -15,18 +16,19 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.peer_infer import peer_model
-from qwen_jax.benchmark import BENCH_CONFIG, TRAIN_BATCH, TRAIN_LEN, emit
-from qwen_jax.model.config import QwenConfig
+from benchmarks.peer_infer import _TABLE, BENCH_SHAPE, emit, peer_model
+
+TRAIN_BATCH, TRAIN_LEN = _TABLE["TRAIN_BATCH"], _TABLE["TRAIN_LEN"]
 
 
-def peer_train(cfg: QwenConfig, steps: int = 5) -> dict:
-    model = peer_model(cfg).train()
+def peer_train(shape: dict, steps: int = 5) -> dict:
+    """Median step time of the full train step on a bench shape (QwenConfig keywords)."""
+    model = peer_model(shape).train()
     opt = torch.optim.AdamW(
         model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1
     )
     rng = np.random.default_rng(0)
-    ids = torch.tensor(rng.integers(0, cfg.vocab_size, size=(TRAIN_BATCH, TRAIN_LEN + 1)))
+    ids = torch.tensor(rng.integers(0, shape["vocab_size"], size=(TRAIN_BATCH, TRAIN_LEN + 1)))
     inputs, labels = ids[:, :-1], ids[:, 1:]
 
     def step():
@@ -62,4 +64,4 @@ def peer_train(cfg: QwenConfig, steps: int = 5) -> dict:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=5)
-    peer_train(BENCH_CONFIG, p.parse_args().steps)
+    peer_train(BENCH_SHAPE, p.parse_args().steps)
