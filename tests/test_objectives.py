@@ -3,6 +3,7 @@ shardings, a new objective (with a per-example feature) trained with exact accum
 devices, and the objective config section."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -122,3 +123,20 @@ def test_objective_section_round_trips_and_is_validated():
     c.objective.name = "ppo"
     with pytest.raises(ValueError, match="unknown objective 'ppo'"):
         TrainConfig.from_config_dict(c)
+
+
+def test_a_workdir_saved_before_the_objective_section_resumes_without_force():
+    """Runs saved when z_loss / loss_chunk sat under `step` (and no `objective` section
+    existed) compare equal to today's layout; a real change is still reported."""
+    from qwen_jax.train.checkpointing import config_differences
+
+    today = TrainConfig().to_dict()
+    saved = json.loads(json.dumps(today))
+    objective = saved.pop("objective")
+    saved["step"]["z_loss"] = objective["z_loss"]
+    saved["step"]["loss_chunk"] = objective["loss_chunk"]
+    assert config_differences(saved, today) == []
+
+    saved["step"]["z_loss"] = objective["z_loss"] + 1e-4
+    diffs = config_differences(saved, today)
+    assert len(diffs) == 1 and diffs[0].startswith("objective.z_loss"), diffs

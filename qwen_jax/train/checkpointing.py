@@ -51,9 +51,27 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Keys that moved, old -> new, and keys added later with the value older runs implied: a
+# workdir saved before the move resumes without --force.
+MOVED_KEYS = {"step.z_loss": "objective.z_loss", "step.loss_chunk": "objective.loss_chunk"}
+ADDED_KEYS = {"objective.name": "lm"}
+
+
+def _upgrade(flat: dict[str, Any]) -> dict[str, Any]:
+    """A saved config's flat keys in today's layout (MOVED_KEYS, ADDED_KEYS)."""
+    out = dict(flat)
+    for old, new in MOVED_KEYS.items():
+        if old in out and new not in out:
+            out[new] = out.pop(old)
+    for key, value in ADDED_KEYS.items():
+        out.setdefault(key, value)
+    return out
+
+
 def config_differences(saved: dict, requested: dict) -> list[str]:
-    """Human-readable differences outside RESUMABLE_CHANGES."""
-    a, b = _flatten(saved), _flatten(json.loads(json.dumps(requested)))
+    """Human-readable differences outside RESUMABLE_CHANGES (the saved config read in today's
+    layout first)."""
+    a, b = _upgrade(_flatten(saved)), _flatten(json.loads(json.dumps(requested)))
     diffs = []
     for key in sorted(set(a) | set(b)):
         if key in RESUMABLE_CHANGES or a.get(key) == b.get(key):
