@@ -51,7 +51,8 @@ bench: install
 # Full-depth, default-optimisation AOT compile of every full-size experiment (figures for
 # WORKSPACE.md); the test suite runs a fast 2-layer variant of the same.
 compile-full: install
-	for f in experiments/pretrain/qwen_*.py; do $(BIN)/qwen-jax compile --config=$$f || exit 1; done
+	for f in experiments/pretrain/qwen_*.py experiments/sft/qwen_*.py experiments/rm/qwen_*.py \
+	    experiments/dpo/qwen_*.py; do $(BIN)/qwen-jax compile --config=$$f || exit 1; done
 
 # On a GPU machine: kernels without interpret mode, timed against XLA/cuDNN.
 gpu-check: install

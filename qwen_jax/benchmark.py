@@ -1,7 +1,9 @@
-"""`qwen-jax bench --what {train,prefill,decode}`: one JSON object per figure on stdout.
+"""`qwen-jax bench --what {train,sft,sft_lora,prefill,decode}`: one JSON object per figure.
 
 Shapes and workloads are the table in qwen_jax.bench_shapes: design.md §5's bench shape for
-every figure, and Qwen2.5-0.5B's shape for decode too (`--shapes`). Absolute numbers
+every figure, and Qwen2.5-0.5B's shape for decode too (`--shapes`). sft and sft_lora (chat SFT,
+all weights or LoRA adapters) also print their optimizer-state and peak memory: run each in its
+own process (benchmarks/run.py does) for the RSS figure to be the workload's. Absolute numbers
 on shared machines are noise; `benchmarks/run.py` measures the transformers peer in the same run
 and reports ratios.
 """
@@ -43,6 +45,16 @@ def _runners():
 
         return bench_train(BENCH_CONFIG, steps=args.steps)
 
+    def sft(args):
+        from qwen_jax.train.bench import bench_sft
+
+        return bench_sft(BENCH_CONFIG, steps=args.steps)
+
+    def sft_lora(args):
+        from qwen_jax.train.bench import bench_sft
+
+        return bench_sft(BENCH_CONFIG, steps=args.steps, lora=True)
+
     def prefill(args):
         from qwen_jax.infer.bench import bench_prefill
 
@@ -59,13 +71,15 @@ def _runners():
             for b in DECODE_BATCHES
         ]
 
-    return {"train": train, "prefill": prefill, "decode": decode}
+    return {"train": train, "sft": sft, "sft_lora": sft_lora, "prefill": prefill, "decode": decode}
 
 
 def main(argv: list[str]) -> int:
     runners = _runners()
     p = argparse.ArgumentParser(prog="qwen-jax bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--what", default="train,prefill,decode", help="comma list of workloads")
+    p.add_argument(
+        "--what", default="train,sft,sft_lora,prefill,decode", help="comma list of workloads"
+    )
     p.add_argument("--steps", type=int, default=5, help="timed repetitions per workload")
     p.add_argument(
         "--shapes",

@@ -1,9 +1,10 @@
 """Every full-size experiment compiles for its declared TPU slice (ahead of time, on this CPU).
 
-The suite's variant keeps the full width, batch, sequence and mesh but scans 2 layers, at the
-fast optimisation level, so it proves the sharded step lowers and compiles for the real
-topology in about a minute. `make compile-full` runs the real depth at the default level and
-prints the HBM/FLOPs figures recorded in WORKSPACE.md.
+The suite's variant (every pretraining file and two alignment stages) keeps the full width,
+batch, sequence and mesh but scans 2 layers, at the fast optimisation level, so it proves the
+sharded step lowers and compiles for the real topology in about a minute. `make compile-full`
+runs the real depth at the default level and prints the HBM/FLOPs figures recorded in
+WORKSPACE.md.
 """
 
 from pathlib import Path
@@ -14,7 +15,16 @@ from qwen_jax.testing.experiments import EXPERIMENTS
 from qwen_jax.train.aot import compile_for_topology, topology_devices
 from qwen_jax.train.config import TrainConfig, load_experiment
 
-FULL_SIZE = [p for p in EXPERIMENTS if load_experiment(p).model.preset != "tiny"]
+# Every pretraining file, and of the alignment stages the two whose state differs most from
+# pretraining (LoRA: frozen base, adapter-only optimizer; DPO: pair batches and a reference
+# copy); `make compile-full` compiles all of them at full depth.
+ALIGNMENT = {"qwen_7b_chat_lora", "qwen_7b_chat_dpo"}
+FULL_SIZE = [
+    p
+    for p in EXPERIMENTS
+    if load_experiment(p).model.preset != "tiny"
+    and (p.parent.name == "pretrain" or p.stem in ALIGNMENT)
+]
 
 
 @pytest.mark.slow

@@ -50,3 +50,27 @@ def test_ours_and_the_peer_emit_matching_rows():
     assert [_key(r) for r in ours] == [_key(r) for r in peer]
     for row in ours + peer:
         assert row["value"] > 0, row
+
+
+@pytest.mark.slow
+def test_sft_full_and_lora_ours_and_trl_emit_matching_rows():
+    """Chat SFT, all weights and LoRA, ours and TRL's SFTTrainer (+ PEFT): the figures both
+    sides report pair up, are positive, and LoRA keeps less optimizer state than full on each."""
+    pytest.importorskip("trl")
+    pytest.importorskip("peft")
+    from benchmarks.peer_sft import peer_sft
+    from benchmarks.run import lora_vs_full
+    from qwen_jax.train.bench import bench_sft
+
+    cfg = QwenConfig(**TINY)
+    ours = bench_sft(cfg, steps=1) + bench_sft(cfg, steps=1, lora=True)
+    peer = peer_sft(TINY, steps=1) + peer_sft(TINY, steps=1, lora=True)
+    for row in ours + peer:
+        assert row["value"] > 0, row
+    # Every peer figure has ours beside it (ours adds MFU and the compiled step's bytes).
+    assert {_key(r) for r in peer} <= {_key(r) for r in ours}
+    ratios = {(r["figure"], r["impl"]): r["value"] for r in lora_vs_full(ours + peer)}
+    for impl in ("qwen-jax", "trl"):
+        assert 0 < ratios["lora_vs_full_opt_state_bytes", impl] < 1, ratios
+        assert ("lora_vs_full_tokens_per_s", impl) in ratios
+        assert ("lora_vs_full_peak_rss_bytes", impl) in ratios

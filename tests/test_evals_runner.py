@@ -189,7 +189,7 @@ def test_cli_dispatch_and_not_a_checkpoint(tmp_path, capsys):
     assert cli.main(["eval", "nope"]) == 2
     args = ["eval", "run", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o")]
     assert cli.main(args) == 2
-    assert "config.json not found" in capsys.readouterr().err
+    assert "no config.json" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

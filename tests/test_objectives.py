@@ -36,7 +36,7 @@ class LastTokenObjective(Objective):
     features = (Feature("tokens"), Feature("label", per_token=False))
     weight_name = "sequences"
 
-    def loss_sums(self, model, batch):
+    def loss_sums(self, model, batch, ctx):
         h_btd, _ = model(batch["tokens"], return_hidden=True)
         logp_b1, _ = token_logprobs(
             h_btd[:, -1:], model.head_weight().astype(h_btd.dtype), batch["label"][:, None]
@@ -57,8 +57,8 @@ def test_lm_objective_declares_its_batch():
         "decoder_positions",
     ]
     assert all(a.shape == (4, 32) and a.dtype == jnp.int32 for a in batch.values())
-    with pytest.raises(ValueError, match="unknown objective 'dpo'"):
-        make_objective(ObjectiveConfig(name="dpo"))
+    with pytest.raises(ValueError, match="unknown objective 'ppo'"):
+        make_objective(ObjectiveConfig(name="ppo"))
 
 
 def _config(microbatches: int) -> TrainConfig:
@@ -87,7 +87,7 @@ def _run(microbatches: int):
         for _ in range(3):
             state, metrics = steps.train(state, batch)
             out.append({k: float(v) for k, v in metrics.items()})
-        sums = jax.device_get(steps.evaluate(state["params"], batch))
+        sums = jax.device_get(steps.evaluate(state, batch))
     return steps, out, sums
 
 

@@ -163,13 +163,15 @@ def test_gradient_accumulation_is_exact(single_device_losses):
         ("--config.model.attention_impl=cuda", "attention_impl='cuda': expected one of"),
     ],
 )
-def test_invalid_overrides_fail_before_compiling(override, message, capsys):
-    from qwen_jax.train.cli import _flag_values, _typed_config
+def test_invalid_overrides_fail_before_compiling(override, message, capsys, tmp_path):
+    from qwen_jax import cli
 
-    with pytest.raises(SystemExit) as exc:
-        fv = _flag_values("train", ["--config=experiments/pretrain/tiny.py", override])
-        _typed_config(fv)
-    assert message in str(exc.value)
+    workdir = tmp_path / "run"
+    argv = ["train", "--config=experiments/pretrain/tiny.py", override, f"--workdir={workdir}"]
+    assert cli.main(argv) in (1, 2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("qwen-jax train: error:") and message in err[0]
+    assert not workdir.exists()
 
 
 def test_config_round_trip_is_lossless():

@@ -10,13 +10,20 @@ from typing import Any
 
 from jax.sharding import Mesh
 
-from qwen_jax.checkpoint.hf import CheckpointError, load_hf, read_config, save_hf
+from qwen_jax.checkpoint.hf import (
+    CheckpointError,
+    check_output_dir,
+    load_hf,
+    read_config,
+    save_hf,
+)
 from qwen_jax.checkpoint.params import is_params_dir, load_config, load_params, save_params
 from qwen_jax.model.config import QwenConfig
 from qwen_jax.model.transformer import Qwen
 
 __all__ = [
     "CheckpointError",
+    "check_output_dir",
     "load_hf",
     "save_hf",
     "load_params",

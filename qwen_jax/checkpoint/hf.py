@@ -47,6 +47,40 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or written as asked; the message names the culprit."""
 
 
+def short_error(e: BaseException, limit: int = 300, *, root: bool = False) -> str:
+    """The first line of an exception's message, capped. `root`: of its innermost cause
+    instead, for Orbax, whose own message is pages of TensorStore spec while the innermost
+    TensorStore error names the array and the file in one line."""
+    if root:
+        chain = [e]
+        while (nxt := chain[-1].__cause__ or chain[-1].__context__) and nxt not in chain:
+            chain.append(nxt)
+        e = chain[-1]
+    text = (str(e).strip().splitlines() or [""])[0] or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """Refuse an output directory that cannot be created, before any work: it exists (never
+    overwritten), a parent is a file, or the nearest existing parent is not writable."""
+    out = Path(path)
+    if out.exists() or out.is_symlink():
+        kind = "directory" if out.is_dir() else "file"
+        raise CheckpointError(f"output {out} already exists (a {kind}); refusing to overwrite")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CheckpointError(f"cannot create {out}: {parent} is a file, not a directory")
+    try:  # a real probe: os.access is wrong for root and for read-only mounts
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot create {out}: {parent} is not writable ({e.strerror})"
+        ) from None
+    return out
+
+
 # ------------------------------------------------------------------------------ tensor source
 
 
@@ -56,33 +90,56 @@ class SafetensorsDir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         index = self.path / "model.safetensors.index.json"
+        self._handles: dict[str, object] = {}
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index} is not a safetensors index ({e})") from None
         else:
             files = sorted(self.path.glob("*.safetensors"))
             if not files:
                 raise CheckpointError(f"no *.safetensors files in {self.path}")
             weight_map = {}
             for f in files:
-                with safe_open(f, "numpy") as h:
-                    weight_map.update({k: f.name for k in h.keys()})
+                weight_map.update({k: f.name for k in self._open(f.name).keys()})
         self.weight_map: dict[str, str] = weight_map
-        self._handles: dict[str, object] = {}
+
+    def _open(self, fname: str):
+        """A cached handle; a truncated or damaged file is a one-line CheckpointError naming it
+        (safetensors checks the header and that the file holds every byte it promises)."""
+        if fname not in self._handles:
+            try:
+                self._handles[fname] = safe_open(self.path / fname, "numpy")
+            except Exception as e:  # noqa: BLE001 - SafetensorError is not an exported class
+                raise CheckpointError(
+                    f"{self.path / fname} is not a readable safetensors file (truncated or "
+                    f"damaged?): {short_error(e)}"
+                ) from None
+        return self._handles[fname]
 
     def _file(self, name: str):
         fname = self.weight_map[name]
-        if fname not in self._handles:
-            if not (self.path / fname).exists():
-                raise CheckpointError(f"{fname} (holding {name}) is missing from {self.path}")
-            self._handles[fname] = safe_open(self.path / fname, "numpy")
-        return self._handles[fname]
+        if fname not in self._handles and not (self.path / fname).exists():
+            raise CheckpointError(f"{fname} (holding {name}) is missing from {self.path}")
+        return self._open(fname)
+
+    def dtype(self, name: str) -> str:
+        """The stored dtype as safetensors spells it ("F32", "BF16", "I64", ...)."""
+        return self._file(name).get_slice(name).get_dtype()
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._file(name).get_slice(name).get_shape())
 
     def read(self, name: str, rows: slice | None = None) -> np.ndarray:
         sl = self._file(name).get_slice(name)
-        return np.asarray(sl[rows] if rows is not None else sl[:])
+        try:
+            return np.asarray(sl[rows] if rows is not None else sl[:])
+        except Exception as e:  # noqa: BLE001 - a file cut after its header was read
+            raise CheckpointError(
+                f"{self.path / self.weight_map[name]}: cannot read tensor {name} (truncated or "
+                f"damaged?): {short_error(e)}"
+            ) from None
 
 
 # ----------------------------------------------------------------------------- name mapping
@@ -243,14 +300,48 @@ def validate(src: SafetensorsDir, cfg: QwenConfig, layout: str) -> None:
             raise CheckpointError(f"tensor {name} has shape {got}, expected {shape}")
 
 
+def nonfinite_tensors(model: Qwen, layout: str) -> list[str]:
+    """HF names (in `layout`) of the tensors of `model` holding NaN or inf.
+
+    One reduction per parameter on the device; only the per-layer verdicts come to the host.
+    """
+    glob, layer = _tensor_map(model.cfg, layout)
+    bad: list[str] = []
+    for name, spec in glob.items():
+        if not bool(jax.numpy.isfinite(getattr(model, name)[...]).all()):
+            bad.append(spec.hf)
+    for name, spec in layer.items():
+        x = getattr(model.blocks, name)[...]
+        ok_l = np.asarray(jax.numpy.isfinite(x).all(axis=tuple(range(1, x.ndim))))
+        bad += [spec.hf.format(i=i) for i in np.flatnonzero(~ok_l)]
+    return list(dict.fromkeys(bad))  # fused c_attn: one name for wq/wk/wv
+
+
 # ------------------------------------------------------------------------------------ import
 
 
 def read_config(path: str | os.PathLike) -> QwenConfig:
+    """The QwenConfig of an HF directory's config.json; anything else is a CheckpointError
+    that says what the directory is instead."""
     cfg_path = Path(path) / "config.json"
     if not cfg_path.exists():
-        raise CheckpointError(f"{cfg_path} not found")
-    return from_hf_config(json.loads(cfg_path.read_text()))
+        raise CheckpointError(
+            f"{path} is not a checkpoint: no config.json (HF directory) and no "
+            "qwen_config.json + params/ (params export)"
+        )
+    try:
+        hf = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({e})") from None
+    if isinstance(hf, dict) and "resolved_model" in hf:
+        raise CheckpointError(
+            f"{path} is a training workdir, not a checkpoint: export it with "
+            f"`qwen-jax export --workdir {path} --to DIR`"
+        )
+    try:
+        return from_hf_config(hf)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{cfg_path} is not a Qwen model config ({short_error(e)})") from None
 
 
 def load_hf(
@@ -331,18 +422,17 @@ def save_hf(
 ) -> Path:
     """Write `model` as an HF directory (config.json + safetensors [+ index]) in `layout`.
 
-    The directory must not exist; everything is written to a sibling temporary directory that is
-    renamed into place only after the last file is complete. `dtype` defaults to the parameter
-    dtype. `extra_files` maps destination names to files to copy (e.g. tokenizer files).
+    The directory must not exist (`check_output_dir`); everything is written to a sibling
+    temporary directory that is renamed into place only after the last file is complete.
+    `dtype` defaults to the parameter dtype. `extra_files` maps destination names to files to
+    copy (e.g. tokenizer files).
     """
     cfg = model.cfg
     layout = layout or cfg.model_type
     dtype = dtype or cfg.param_dtype
     if dtype not in _NP_DTYPES:
         raise CheckpointError(f"dtype {dtype!r} cannot be written; choose from {list(_NP_DTYPES)}")
-    out = Path(out_dir)
-    if out.exists():
-        raise CheckpointError(f"output directory {out} already exists; refusing to overwrite")
+    out = check_output_dir(out_dir)
     hf_config = to_hf_config(cfg.replace(param_dtype=dtype), layout)
     glob, layer = _tensor_map(cfg, layout)
     np_dtype = _NP_DTYPES[dtype]

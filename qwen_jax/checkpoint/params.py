@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
+from qwen_jax.checkpoint.hf import CheckpointError, check_output_dir, short_error
 from qwen_jax.model.config import QwenConfig
 from qwen_jax.model.factory import abstract_model
 from qwen_jax.model.transformer import Qwen
@@ -36,12 +37,14 @@ def config_to_json(cfg: QwenConfig) -> str:
 
 def config_from_json(text: str) -> QwenConfig:
     fields = json.loads(text)
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{CONFIG_FILE} is not a JSON object")
     known = {f.name for f in dataclasses.fields(QwenConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise ValueError(f"{CONFIG_FILE} has unknown fields {unknown}")
-    if "attn_windows" in fields:
-        fields["attn_windows"] = tuple(fields["attn_windows"])
+        raise CheckpointError(f"{CONFIG_FILE} has unknown fields {unknown}")
+    # JSON has no tuples: every list goes back to a tuple (the config is hashed by jit).
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
     return QwenConfig(**fields)
 
 
@@ -61,9 +64,7 @@ def save_params(
             "refusing to export an int8-quantized model (qwen_jax.model.quantize): exports hold "
             "the float weights; quantize after loading (load_engine(..., int8=True))"
         )
-    out = Path(out_dir)
-    if out.exists():
-        raise FileExistsError(f"output directory {out} already exists; refusing to overwrite")
+    out = check_output_dir(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent.absolute()))
     try:
@@ -77,8 +78,11 @@ def save_params(
             for f in tokenizer_files:
                 shutil.copy(f, tmp / "tokenizer" / Path(f).name)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and not isinstance(e, OSError | CheckpointError):
+            # Orbax reports TensorStore write failures (ENOSPC among them) as pages of spec.
+            raise CheckpointError(f"writing {out} failed: {short_error(e, root=True)}") from None
         raise
     return out
 
@@ -87,13 +91,17 @@ def load_config(path: str | os.PathLike) -> QwenConfig:
     cfg_file = Path(path) / CONFIG_FILE
     if not cfg_file.exists():
         raise FileNotFoundError(f"{cfg_file} not found: {path} is not a params checkpoint")
-    return config_from_json(cfg_file.read_text())
+    try:
+        return config_from_json(cfg_file.read_text())
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{cfg_file}: {short_error(e)}") from None
 
 
 def load_params(
     path: str | os.PathLike, *, mesh: Mesh | None = None, cfg: QwenConfig | None = None
 ) -> tuple[QwenConfig, Qwen]:
-    """Restore a params checkpoint into a model (sharded on `mesh` if given).
+    """Restore a params checkpoint into a model (sharded on `mesh` if given). A damaged
+    export is a one-line CheckpointError naming it and the array TensorStore could not read.
 
     `cfg` may change non-architectural fields (dtype, remat, attention impl, long-context
     switches); shapes must match the saved ones.
@@ -113,7 +121,12 @@ def load_params(
         params_abs.to_pure_dict(),
         shardings.to_pure_dict(),
     )
-    with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(Path(path).absolute() / "params", target)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(Path(path).absolute() / "params", target)
+    except Exception as e:  # noqa: BLE001 - Orbax/TensorStore errors run to pages of spec
+        raise CheckpointError(
+            f"params export {path} is damaged: {short_error(e, root=True)}"
+        ) from None
     params_abs.replace_by_pure_dict(restored)
     return cfg, nnx.merge(graphdef, params_abs, rest_abs)

@@ -11,14 +11,20 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
+
+from qwen_jax.cli import UsageError
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen-jax data", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build-demo", help="write the embedded demo corpus")
-    b.add_argument("--out", required=True)
+    b.add_argument("--out", required=True, help="a new or empty directory, or an earlier build")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty directory anyway"
+    )
     d = sub.add_parser("dedup", help="MinHash+LSH near-duplicate removal")
     d.add_argument("--input", nargs="+", required=True, help="jsonl or text files")
     d.add_argument("--out", required=True)
@@ -39,11 +45,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_demo_out(out: Path, overwrite: bool) -> None:
+    """build-demo writes into a new or empty directory, or over its own earlier output (its
+    manifest.json is the marker); never over a user's files unless told to."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory")
+    if overwrite or not out.exists() or not any(out.iterdir()):
+        return
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if not (isinstance(manifest, dict) and {"version", "files", "total_bytes"} <= set(manifest)):
+        raise UsageError(
+            f"--out {out} is a non-empty directory that is not an earlier build-demo output; "
+            "choose a new directory or pass --overwrite"
+        )
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.cmd == "build-demo":
         from qwen_jax.data.demo_corpus import build_demo
 
+        _check_demo_out(Path(args.out), args.overwrite)
         t0 = time.perf_counter()
         manifest = build_demo(args.out, seed=args.seed)
         print(

@@ -86,11 +86,13 @@ class _TaskStream:
 
     def _open(self) -> None:
         it = self._it()
+        changes = {} if it.max_bad_fraction is None else {"max_bad_fraction": it.max_bad_fraction}
         source = self.task.source.replace(
             data_dir=it.data_dir,
             start_epoch=self.epoch,
             start_index=self.next_index,
             repeat=it.repeat,
+            **changes,
         )
         ds = self.task.replace(source=source).get_dataset(
             sequence_length=None,
@@ -121,10 +123,11 @@ class _TaskStream:
         try:
             ex = next(self._rows)
         except StopIteration:
+            if self._source.error is not None:  # the reader stopped on it (sources.py)
+                self._rows = None
+                raise self._source.error from None
             return None
         except tf.errors.OpError as e:
-            if self._source.error is not None:  # the reader's own exception, unwrapped
-                raise self._source.error from None
             raise DataError(f"reading task {self.task.name}: {e.message}") from None
         self.epoch, self.next_index = int(ex["_epoch"]), int(ex["_index"]) + 1
         return ex
@@ -162,6 +165,7 @@ class BatchIterator:
         data_dir: str | None,
         vocab,
         num_epochs: int | None,
+        max_bad_fraction: float | None = None,
     ):
         if not 0 <= shard_index < num_shards:
             raise ValueError(f"shard_index {shard_index} not in [0, {num_shards})")
@@ -170,6 +174,9 @@ class BatchIterator:
         self.name, self.split, self.seed = name, split, seed
         self.sequence_length, self.batch_size, self.pack = sequence_length, batch_size, pack
         self.shard_index, self.num_shards, self.data_dir = shard_index, num_shards, data_dir
+        if max_bad_fraction is not None and not 0 <= max_bad_fraction <= 1:
+            raise ValueError(f"max_bad_fraction={max_bad_fraction} is not in [0, 1]")
+        self.max_bad_fraction = max_bad_fraction
         self.repeat = num_epochs is None and split == "train"
         task_list, self.rates = resolve(name)
         self.vocab = _as_vocabulary(vocab) if vocab is not None else None
@@ -433,13 +440,16 @@ def get_iterator(
     data_dir: str | None = None,
     vocab: str | Tokenizer | TokenizerVocabulary | None = None,
     num_epochs: int | None = None,
+    max_bad_fraction: float | None = None,
 ) -> BatchIterator:
     """Batches of a registered Task or Mixture for this host (`BatchIterator` documents them).
 
     batch_size is per host; shard_index/num_shards are usually `jax.process_index()` /
     `jax.process_count()`. vocab: None keeps the Tasks' vocabulary (Qwen's), or a
     `load_tokenizer` spec / Tokenizer. num_epochs: None repeats the "train" split forever and
-    reads other splits once; 1 reads once.
+    reads other splits once; 1 reads once. max_bad_fraction: the fraction of malformed records
+    a task's reader skips before failing with a `DataError` (the trainer's
+    `data.max_bad_fraction`); None keeps each task's own (`add_corpus_task`, 0.01 by default).
     """
     return BatchIterator(
         name,
@@ -453,4 +463,5 @@ def get_iterator(
         data_dir=data_dir,
         vocab=vocab,
         num_epochs=num_epochs,
+        max_bad_fraction=max_bad_fraction,
     )

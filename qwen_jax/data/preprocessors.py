@@ -2,8 +2,11 @@
 
 Each works on batches of 64 examples inside one `tf.numpy_function` call (per-example Python
 calls would cost more than the tokenization itself) and keeps `_index`, the source position
-the resumable pipeline tracks. Examples a preprocessor cannot use (e.g. a conversation with an
-unknown role) are dropped and counted in `DROPPED` (process-wide, by "preprocessor:reason").
+the resumable pipeline tracks. The reader has already checked structured records and made them
+canonical (records.py: OpenAI / ShareGPT chats, TRL-style pairs; a bad record is skipped there,
+counted and reported with its file and line); examples a preprocessor still cannot use (e.g.
+a tokenizer without ChatML tokens, or a Task whose source does not check records) are dropped
+and counted in `DROPPED` (process-wide, by "preprocessor:reason").
 
 Output features:
   tokenize       text -> targets

@@ -81,10 +81,14 @@ def add_corpus_task(
 ) -> seqio.Task:
     """Register a Task reading `splits` (split -> glob patterns, relative to the data dir or
     absolute / gs://) as one of `KINDS`. lm tasks take text (jsonl `text_key`, text files,
-    TFRecord `tf.train.Example`s); the others take jsonl records (see preprocessors.py)."""
+    TFRecord `tf.train.Example`s); the others take jsonl records in the formats records.py
+    accepts (OpenAI / ShareGPT chats, TRL-style pairs), checked and made canonical as they are
+    read. Malformed records are skipped up to `max_bad_fraction` of those read (then a
+    DataError; `get_iterator(max_bad_fraction=...)` overrides it per run)."""
     source = CorpusSource(
         splits,
         record="text" if kind == "lm" else "json",
+        kind=None if kind == "lm" else kind,
         text_key=text_key,
         text_unit=text_unit,
         dedup=dedup,

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 from pathlib import Path
+
+from qwen_jax.cli import UsageError
 
 SUBVERBS: dict[str, tuple[str, str, str]] = {
     "run": ("qwen_jax.evals.cli", "run_main", "run benchmarks on a checkpoint, write results"),
@@ -29,8 +30,7 @@ def main(argv: list[str]) -> int:
         print(_usage())
         return 0
     if argv[0] not in SUBVERBS:
-        print(f"qwen-jax eval: unknown sub-verb {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
+        raise UsageError(f"unknown sub-verb {argv[0]!r}; choose from {', '.join(SUBVERBS)}")
     module, func, _ = SUBVERBS[argv[0]]
     return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
 
@@ -40,7 +40,7 @@ def load_model(args: argparse.Namespace):
     dtype, int8, mesh, max context, long-context switches), serving `--batch-size` prompts per
     engine call."""
     from qwen_jax.infer.eval_model import EngineEvalModel
-    from qwen_jax.infer.options import UsageError, load_from_args
+    from qwen_jax.infer.options import load_from_args
 
     engine, tok = load_from_args(args)
     if tok is None:
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="data directory (qwen-jax eval fetch-data)",
     )
     g.add_argument("--out", required=True, type=Path, help="results directory")
-    g.add_argument("--limit", type=int, help="first N items of each benchmark")
+    g.add_argument("--limit", type=int, help="first N items of each benchmark (N >= 1)")
     g.add_argument("--shots", type=int, help="few-shot count (default: the report's)")
     g.add_argument("--chat", action="store_true", help="0-shot ChatML protocols")
     g.add_argument(
@@ -86,7 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from qwen_jax.evals import runner
     from qwen_jax.evals.tasks import BENCHMARKS
-    from qwen_jax.infer.options import UsageError
 
     names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     unknown = [b for b in names if b not in BENCHMARKS]
@@ -94,6 +93,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown benchmarks {unknown}; known: {', '.join(BENCHMARKS)}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be >= 1 (items per benchmark), got {args.limit}")
+    if args.shots is not None and args.shots < 0:
+        raise UsageError(f"--shots must be >= 0, got {args.shots}")
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
     options = {"humaneval": {"workers": args.workers}, "mbpp": {"workers": args.workers}}
     if args.gsm8k_number_rule:
         options["gsm8k"] = {"number_rule": args.gsm8k_number_rule}

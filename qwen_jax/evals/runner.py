@@ -6,6 +6,9 @@ Output directory:
                            run loses at most one batch; a rerun skips every id already there)
     results.json           per task: overall score, n, per category / group, status counts
     results.md             the same as Markdown tables
+Both tables are replaced atomically. An interrupted run (Ctrl-C, SIGTERM) still writes them:
+the task in progress is summarized over the items it finished and marked "partial", and
+results.md starts with what completed and what did not run.
 Task names carry the protocol (`gsm8k-8shot`, `mmlu-chat-0shot`), so runs with other settings
 never mix in one file. Scores are in percent; samples with status "bad_input" (malformed rows)
 are excluded from scores and counted separately.
@@ -13,7 +16,11 @@ are excluded from scores and counted separately.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -81,6 +88,7 @@ def run_task(
     progress: bool = True,
 ) -> dict:
     """Score the first `limit` items of `task` not yet in its samples file; summarize all."""
+    _check_limit(limit)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{task.name}.samples.jsonl"
     items = task.items[:limit] if limit is not None else task.items
@@ -99,7 +107,19 @@ def run_task(
         _append(path, [_record(it, o, v) for it, o, v in zip(batch, outputs, verdicts)])
         bar.update(len(batch))
     bar.close()
+    return _summary_so_far(task, out_dir, limit)
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 1:  # [:-1] would silently drop the last item
+        raise ValueError(f"limit must be >= 1 item per benchmark, got {limit}")
+
+
+def _summary_so_far(task: Task, out_dir: Path, limit: int | None) -> dict:
+    """The summary over the first `limit` items that have a record in the samples file."""
+    items = task.items[:limit] if limit is not None else task.items
     wanted = {it.id for it in items}
+    path = out_dir / f"{task.name}.samples.jsonl"
     return summarize(task, [r for r in _read_samples(path) if r["id"] in wanted])
 
 
@@ -145,25 +165,77 @@ def run(
     progress: bool = True,
     task_options: dict[str, dict] | None = None,
 ) -> dict:
-    """Run each benchmark; one that cannot be built (missing files) is reported, not fatal."""
+    """Run each benchmark; one that cannot be built (missing files) is reported, not fatal,
+    but a run where none can be built raises ValueError (and writes nothing). Interrupted
+    (KeyboardInterrupt, SIGTERM), it writes the partial tables and re-raises."""
+    _check_limit(limit)
     out_dir = Path(out_dir)
     results_path = out_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    tasks, skipped = [], {}
     for name in benchmarks:
         opts = (task_options or {}).get(name, {})
         try:
-            task = build_task(name, data_dir, shots=shots, chat=chat, **opts)
+            tasks.append(build_task(name, data_dir, shots=shots, chat=chat, **opts))
         except (FileNotFoundError, ValueError) as e:
             results[name] = {"error": str(e)}
+            skipped[name] = str(e)
             print(f"{name}: skipped: {e}")
-            continue
-        results[task.name] = run_task(
-            model, task, out_dir, limit=limit, batch_size=batch_size, progress=progress
+    if not tasks:
+        reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items())
+        raise ValueError(f"nothing to evaluate in {data_dir}: {reasons or 'no benchmarks given'}")
+    completed: list[str] = []
+    try:
+        with _sigterm_as_interrupt():
+            for task in tasks:
+                results[task.name] = run_task(
+                    model, task, out_dir, limit=limit, batch_size=batch_size, progress=progress
+                )
+                completed.append(task.name)
+    except KeyboardInterrupt:
+        current = tasks[len(completed)]
+        so_far = _summary_so_far(current, out_dir, limit)
+        total = len(current.items[:limit] if limit is not None else current.items)
+        results[current.name] = so_far | {"partial": f"{so_far['n']} of {total} items"}
+        note = (
+            f"**Partial run (interrupted).** Completed: {', '.join(completed) or 'none'}; "
+            f"interrupted: {current.name} ({so_far['n']} of {total} items); not run: "
+            f"{', '.join(t.name for t in tasks[len(completed) + 1 :]) or 'none'}."
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    (out_dir / "results.md").write_text(results_table(results))
+        _write_tables(out_dir, results, note)
+        raise
+    _write_tables(out_dir, results)
     return results
+
+
+def _write_tables(out_dir: Path, results: dict, note: str = "") -> None:
+    """results.json and results.md, each replaced atomically (a reader never sees half)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = (note + "\n\n" if note else "") + results_table(results)
+    for name, text in (
+        ("results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n"),
+        ("results.md", table),
+    ):
+        tmp = out_dir / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out_dir / name)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler stopping the job) ends the run like Ctrl-C: tables still written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _fmt(x: float | None) -> str:
@@ -178,6 +250,8 @@ def results_table(results: dict) -> str:
             lines.append(f"| {name} | - | - | - | - | unavailable: {r['error']} |")
             continue
         statuses = ", ".join(f"{k} {v}" for k, v in sorted(r["status_counts"].items()))
+        if r.get("partial"):
+            statuses += f" (partial: {r['partial']})"
         row = [name, r["metric"], _fmt(r["overall"]), str(r["n"]), str(r["bad_input"]), statuses]
         lines.append("| " + " | ".join(row) + " |")
     for name, r in results.items():

@@ -7,7 +7,8 @@ Sampling defaults are Qwen-Chat's released generation config (top-p 0.8, repetit
 1.1, 512 new tokens, window 6144).
 
 Commands at the prompt: /clear (forget the history), /system TEXT (new system prompt, clears
-the history), /exit (or end of input).
+the history), /exit (or end of input). A turn that fails prints its error and the conversation
+goes on; the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from qwen_jax.infer.options import (
     model_parser,
     run_cli,
     sampling_from_args,
+    warn_unknown,
 )
 from qwen_jax.infer.sampling import SamplingParams
 
@@ -133,6 +135,7 @@ def run(args: argparse.Namespace, stdin=None, stdout=None) -> int:
         stop_strings=args.stop,
     )
     interactive = stdin.isatty()
+    failed = turns = 0
     print("/clear resets the history, /system TEXT sets the system prompt, /exit quits",
           file=sys.stderr)  # fmt: skip
     while True:
@@ -154,13 +157,19 @@ def run(args: argparse.Namespace, stdin=None, stdout=None) -> int:
             continue
         if interactive:
             print("assistant> ", end="", file=sys.stderr, flush=True)
+        turns += 1
         try:
-            session.send(text, on_text=lambda d: (stdout.write(d), stdout.flush()))
+            res = session.send(text, on_text=lambda d: (stdout.write(d), stdout.flush()))
         except USER_ERRORS as e:
-            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+            print(f"qwen-jax chat: error: {e}", file=sys.stderr)
             continue
         stdout.write("\n")
         stdout.flush()
+        warn_unknown("qwen-jax chat", tok, res.token_ids)
+    if failed:  # a script must see that a turn produced no reply
+        print(f"qwen-jax chat: error: {failed} of {turns} turn(s) failed", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -6,6 +6,8 @@
 
 Text streams to stdout as it is generated. `--json` prints instead one object per prompt with
 the prompt ids, the generated ids, their log-probabilities, the text and why generation ended.
+Generated ids the tokenizer has no text for (embedding rows past its vocabulary) show as
+`<unk:ID>` and are counted in one warning on stderr.
 Repeating --prompt (or --prompt-ids) generates for all of them as one batch.
 """
 
@@ -22,6 +24,7 @@ from qwen_jax.infer.options import (
     model_parser,
     run_cli,
     sampling_from_args,
+    warn_unknown,
 )
 from qwen_jax.infer.sampling import SamplingParams
 
@@ -113,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
             print(res.text)
         else:
             print(",".join(map(str, res.token_ids)))
+    if tok is not None:
+        warn_unknown("qwen-jax generate", tok, [t for r in results for t in r.token_ids])
     return 0
 
 

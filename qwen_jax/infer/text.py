@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from qwen_jax.tokenizer.base import StreamDetokenizer
+from qwen_jax.tokenizer.base import StreamDetokenizer, decode_marking_unknown
 
 
 def _pending_prefix(text: str, stops: Sequence[str]) -> int:
@@ -31,10 +31,9 @@ class StopChecker:
 
     def __init__(self, tokenizer, stop_strings: Sequence[str] = ()):
         self.stops = tuple(s for s in stop_strings if s)
-        self._detok = StreamDetokenizer(tokenizer)
         # Embeddings are padded past the tokenizer (151,936 rows for 151,851 ids): such ids
-        # have no text.
-        self._vocab = tokenizer.vocab_size
+        # have no text and show as `<unk:ID>` markers (counted in `unknown`), never vanish.
+        self._detok = StreamDetokenizer(tokenizer)
         self._text = ""
         self._emitted = 0
         self.hit: str | None = None
@@ -43,13 +42,17 @@ class StopChecker:
     def text(self) -> str:
         return self._text
 
+    @property
+    def unknown(self) -> int:
+        """How many pushed ids the tokenizer could not decode (shown as `<unk:ID>`)."""
+        return self._detok.unknown
+
     def push(self, token_id: int) -> tuple[str, str | None]:
         """Add a token: returns (newly final text, the stop string it completed or None)."""
         if self.hit is not None:
             return "", self.hit
         start = max(0, len(self._text) - max((len(s) for s in self.stops), default=0))
-        if 0 <= token_id < self._vocab:
-            self._text += self._detok.push(token_id)
+        self._text += self._detok.push(token_id)
         found = [(i, s) for s in self.stops if (i := self._text.find(s, start)) >= 0]
         if found:
             cut, self.hit = min(found)  # the earliest stop string in the text ends the row
@@ -68,3 +71,9 @@ class StopChecker:
         out = self._text[self._emitted : upto]
         self._emitted = upto
         return out
+
+
+def count_unknown(tokenizer, token_ids) -> int:
+    """How many of `token_ids` the tokenizer has no text for (what a CLI warns about after
+    generation; they show as `<unk:ID>` in the text)."""
+    return decode_marking_unknown(tokenizer, token_ids)[1]

@@ -58,6 +58,18 @@ class QwenConfig:
     # "pallas" needs replicated weights under a mesh (single device or data parallel); the
     # "dots" remat policies save XLA dot outputs only, so they recompute the kernel's products.
     matmul_impl: Literal["xla", "pallas"] = "xla"
+    # Fine-tuning options (training/runtime only, never written to HF config.json).
+    # Inverted dropout on the embedding output and on each residual branch (attention output,
+    # MLP output); only when the forward is given a key (Qwen.__call__(dropout_rng=...)).
+    dropout: float = 0.0
+    # LoRA (qwen_jax.model.lora): rank 0 = no adapters; y += dropout(x) @ a @ b * alpha / rank.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0  # on each adapter's input (PEFT's), only with a dropout key
+    # Our names (wq wk wv wo w1 w2 c_proj) or aliases: Qwen v1 c_attn / c_proj, HF q_proj ...
+    lora_targets: tuple[str, ...] = ()
+    lora_int8_base: bool = False  # frozen dense block weights held int8 (Q-LoRA-style)
+    reward_head: bool = False  # Param `score` [D, 1]: Qwen.rewards (HF score.weight transposed)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -78,6 +90,14 @@ class QwenConfig:
         for name in ("attention_impl", "matmul_impl"):
             if getattr(self, name) not in _IMPLS:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {_IMPLS}")
+        for name in ("dropout", "lora_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if self.lora_rank or self.lora_targets or self.lora_int8_base or not self.lora_alpha > 0:
+            # Lazy: lora.py imports the model, which imports this module.
+            from qwen_jax.model import lora
+
+            lora.check_config(self)
 
     @property
     def compute_dtype(self):
@@ -96,13 +116,38 @@ class QwenConfig:
         return dataclasses.replace(self, **changes)
 
     def num_params(self) -> int:
-        """Closed-form count; equals the spec's formula for v1 (MHA, untied, qkv bias)."""
+        """Closed-form count; equals the spec's formula for v1 (MHA, untied, qkv bias).
+
+        LoRA adapters (rank x (fan_in + fan_out) per targeted weight and layer) and the reward
+        head (D) count only when configured; the int8 scales of `lora_int8_base` do not count
+        (they are quantization metadata, like factory.param_count treats them).
+        """
         d, f, v, h = self.hidden_size, self.ffn_size, self.vocab_size, self.head_dim
         q, kv = self.num_heads * h, self.num_kv_heads * h
         attn = d * (q + 2 * kv) + (q + 2 * kv) * self.qkv_bias + q * d
         per_layer = attn + 3 * d * f + 2 * d
+        if self.lora_rank:
+            from qwen_jax.model.lora import resolve_targets  # lazy: lora imports the model
+
+            fans = self.dense_fans()
+            targets = resolve_targets(self.lora_targets)
+            per_layer += sum(self.lora_rank * (fans[n][0] + fans[n][1]) for n in targets)
         embed = v * d * (1 if self.tie_embeddings else 2)
-        return embed + self.num_layers * per_layer + d
+        return embed + self.num_layers * per_layer + d + d * self.reward_head
+
+    def dense_fans(self) -> dict[str, tuple[int, int]]:
+        """(fan_in, fan_out) of each per-layer dense projection, as a PEFT nn.Linear sees it."""
+        d, f = self.hidden_size, self.ffn_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return {
+            "wq": (d, q),
+            "wk": (d, kv),
+            "wv": (d, kv),
+            "wo": (q, d),
+            "w1": (d, f),
+            "w2": (d, f),
+            "c_proj": (f, d),
+        }
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 3x forward), attention included.

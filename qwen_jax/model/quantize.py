@@ -1,4 +1,4 @@
-"""Weight-only int8 for serving: dense weights stored as int8 with a per-output-channel scale.
+"""Weight-only int8: dense weights stored as int8 with a per-output-channel scale.
 
     w[..., o] ~= wq[..., o] * scale[o],   scale[o] = max |w[:, o]| / 127   (symmetric absmax)
 
@@ -10,8 +10,11 @@ scale and runs (x @ wq) * scale with fp32 accumulation: `matmul_impl="pallas"` t
 kernel (qwen_jax.kernels.matmul.int8_matmul, which reads int8 from memory), "xla" by converting
 the weight to the compute dtype first. Norms, biases and (untied) embeddings stay float.
 
-Serving only: a quantized model has no float weights to train, so `Qwen.head_weight` (the
-training loss's) refuses it, and checkpoints save and restore the float model.
+For serving, and as the frozen base of Q-LoRA-style fine-tuning (QwenConfig.lora_int8_base:
+`head=False` keeps the LM head / tied embedding float, LoRA adapters stay float, and gradients
+flow to the adapters through the int8 matmuls, whose weights are constants). A quantized model
+has no float weights to train, so `Qwen.head_weight` (the training loss's) refuses an int8
+head, and params exports hold float weights (merge adapters with lora.merge first).
 """
 
 from __future__ import annotations
@@ -24,11 +27,9 @@ from jax.sharding import Mesh
 
 from qwen_jax.kernels.matmul import quantize_int8 as quantize_columns
 from qwen_jax.model import transformer
+from qwen_jax.model.block import DENSE as LAYER_DENSE  # weight -> number of input axes
 from qwen_jax.model.transformer import Qwen
 from qwen_jax.sharding import sharding_for
-
-# Per-layer dense weight -> number of contracted (input) axes after the layer axis.
-LAYER_DENSE = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w1": 1, "w2": 1, "c_proj": 1}
 
 
 def is_quantized(model: Qwen) -> bool:
@@ -42,9 +43,11 @@ def _quantize(w: jax.Array, n_in: int) -> tuple[jax.Array, jax.Array]:
     return wq.reshape(*in_shape, *out_shape), scale.reshape(out_shape)
 
 
-def quantize_int8(model: Qwen, *, mesh: Mesh | None = None) -> Qwen:
+def quantize_int8(model: Qwen, *, mesh: Mesh | None = None, head: bool = True) -> Qwen:
     """A copy of `model` with int8 dense weights (module docstring); `model` is unchanged.
 
+    head=False keeps the LM head (the tied embedding) float: the Q-LoRA-style training base,
+    whose loss needs `head_weight`. LoRA adapters and the reward head are never quantized.
     Under `mesh` the new arrays are placed by their logical axes, like `create_model` does.
     """
     if is_quantized(model):
@@ -63,6 +66,8 @@ def quantize_int8(model: Qwen, *, mesh: Mesh | None = None) -> Qwen:
         wq, scale = jax.vmap(lambda w, n=n_in: _quantize(w, n))(var[...])
         put(new.blocks, name, wq, axes)
         put(new.blocks, f"{name}_scale", scale, (axes[0], *axes[1 + n_in :]))
+    if not head:
+        return new
     if model.cfg.tie_embeddings:
         wq_dv, scale_v = _quantize(new.wte[...].T, 1)  # the head's output channels are rows
         put(new, "wte", wq_dv.T, ("vocab", "embed"))

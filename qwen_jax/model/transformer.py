@@ -23,12 +23,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qwen_jax.model import dispatch, rope
-from qwen_jax.model.block import Context
+from qwen_jax.model import dispatch, lora, rope
+from qwen_jax.model.block import DENSE, Context
 from qwen_jax.model.block import layer as layer_fn
 from qwen_jax.model.cache import KVCache
 from qwen_jax.model.config import QwenConfig
-from qwen_jax.model.layers import rms_norm
+from qwen_jax.model.layers import dropout, rms_norm
 from qwen_jax.model.logprobs import token_logprobs
 from qwen_jax.sharding import shard
 
@@ -62,8 +62,8 @@ _LAYER_PARAMS: dict[str, tuple[Any, tuple[str, ...], str]] = {
 _BIASES = ("bq", "bk", "bv")
 
 
-def _param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
-    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+def _param(value: jax.Array, axes: tuple[str | None, ...], kind=nnx.Param) -> nnx.Param:
+    return kind(value, out_sharding=axes, eager_sharding=False)
 
 
 def _remat(fn, policy: str):
@@ -99,10 +99,30 @@ class Blocks(nnx.Module):
                 value = std * jax.random.normal(rngs.params(), shape, dtype)
             setattr(self, name, _param(value, ("layers", *axes)))
 
+    def add_lora(self, cfg: QwenConfig, *, rngs: nnx.Rngs) -> None:
+        """LoRA adapters (nnx.LoRAParam) on cfg.lora_targets: for w [L, *in, *out],
+        `<name>_lora_a` [L, *in, r] ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PEFT's
+        kaiming_uniform(a=sqrt(5)) on lora_A) and `<name>_lora_b` [L, r, *out] = 0, so a fresh
+        adapter changes nothing. Logical axes: the weight's in/out axes, the rank unsharded."""
+        r, n, dtype = cfg.lora_rank, cfg.num_layers, cfg.weight_dtype
+        for name in lora.resolve_targets(cfg.lora_targets):
+            shape_fn, axes, _ = _LAYER_PARAMS[name]
+            shape, n_in = shape_fn(cfg), DENSE[name]
+            bound = 1.0 / math.sqrt(math.prod(shape[:n_in]))
+            a = jax.random.uniform(
+                rngs.params(), (n, *shape[:n_in], r), dtype, minval=-bound, maxval=bound
+            )
+            b = jnp.zeros((n, r, *shape[n_in:]), dtype)
+            a_axes, b_axes = ("layers", *axes[:n_in], None), ("layers", None, *axes[n_in:])
+            setattr(self, f"{name}_lora_a", _param(a, a_axes, nnx.LoRAParam))
+            setattr(self, f"{name}_lora_b", _param(b, b_axes, nnx.LoRAParam))
+
     def stacked(self) -> dict[str, jax.Array]:
         """Every per-layer array by name, with the int8 scales of a quantized model
-        ("<name>_scale", qwen_jax.model.quantize)."""
-        names = [*_LAYER_PARAMS, *(f"{n}_scale" for n in _LAYER_PARAMS)]
+        ("<name>_scale", qwen_jax.model.quantize) and the LoRA adapters ("<name>_lora_a",
+        "<name>_lora_b", qwen_jax.model.lora)."""
+        extra = [f"{n}_{kind}" for n in DENSE for kind in ("scale", "lora_a", "lora_b")]
+        names = [*_LAYER_PARAMS, *extra]
         return {name: getattr(self, name)[...] for name in names if hasattr(self, name)}
 
 
@@ -111,6 +131,10 @@ class Qwen(nnx.Module):
 
     Call: tokens [B, T] int -> logits [B, T, V] fp32 (or final hidden [B, T, D] with
     return_hidden=True, for chunked losses and value/reward heads).
+
+    Optional parts (QwenConfig): LoRA adapters in `blocks` (qwen_jax.model.lora), the reward
+    head `score` [D, 1] (`rewards`), dropout when a key is passed. They draw their init keys
+    after every base weight, so the base weights equal those of the same seed's plain model.
     """
 
     def __init__(self, cfg: QwenConfig, *, rngs: nnx.Rngs):
@@ -128,6 +152,13 @@ class Qwen(nnx.Module):
                 * jax.random.normal(rngs.params(), (cfg.hidden_size, cfg.vocab_size), dtype),
                 ("embed", "vocab"),
             )
+        if cfg.lora_rank:
+            self.blocks.add_lora(cfg, rngs=rngs)
+        if cfg.reward_head:  # HF Qwen2ForSequenceClassification: score ~ N(0, initializer_range)
+            self.score = _param(
+                cfg.init_std * jax.random.normal(rngs.params(), (cfg.hidden_size, 1), dtype),
+                ("embed", None),
+            )
 
     # ------------------------------------------------------------------------------ forward
 
@@ -142,6 +173,7 @@ class Qwen(nnx.Module):
         logn: bool = False,
         return_hidden: bool = False,
         layers: Sequence[dict[str, jax.Array]] | None = None,
+        dropout_rng: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Run the decoder.
 
@@ -162,6 +194,10 @@ class Qwen(nnx.Module):
             layer axis) used instead of `self.blocks`. The inference engine passes them
             (`unstack_layers`): XLA:CPU copies each scanned layer's weight slice before its
             matmuls, which at decode's batch sizes costs more than the matmuls themselves.
+          dropout_rng: a key turns on dropout (training): cfg.dropout on the embedding output
+            (key fold_in(rng, 0)) and in every layer i, with cfg.lora_dropout on adapter inputs
+            (layer key fold_in(fold_in(rng, 1), i); qwen_jax.model.block). None (eval and every
+            inference path) = no dropout.
 
         Without a cache and without `layers` the layers run as one `lax.scan` over the stacked
         parameters (training: flat compile time in depth, one remat policy); otherwise as an
@@ -205,15 +241,26 @@ class Qwen(nnx.Module):
         if hasattr(self, "wte_scale"):  # int8 tied table: rows scale like the head's channels
             x = x.astype(jnp.float32) * jnp.take(self.wte_scale[...], tokens_bt, axis=0)[..., None]
         x = x.astype(cfg.compute_dtype)
+        embed_key = layers_key = None
+        if dropout_rng is not None and (cfg.dropout or (cfg.lora_rank and cfg.lora_dropout)):
+            embed_key = jax.random.fold_in(dropout_rng, 0)
+            layers_key = jax.random.fold_in(dropout_rng, 1)
+
+        def layer_key(i):
+            return None if layers_key is None else jax.random.fold_in(layers_key, i)
+
+        x = dropout(x, cfg.dropout, embed_key)
         x = shard(x, "batch", "act_seq", "act_embed")
 
         if cache is None and layers is None:
 
             def body(x_btd, xs):
-                p, window = xs
-                return layer_fn(cfg, p, x_btd, ctx, window)[0], None
+                p, window, i = xs
+                return layer_fn(cfg, p, x_btd, ctx, window, rng=layer_key(i))[0], None
 
-            xs = (self.blocks.stacked(), windows_l)
+            # The layer index rides in xs: each layer's dropout key is a function of it, so a
+            # remat recompute draws the same masks.
+            xs = (self.blocks.stacked(), windows_l, jnp.arange(cfg.num_layers, dtype=jnp.int32))
             x, _ = jax.lax.scan(_remat(body, cfg.remat_policy), x, xs)
             new_cache = None
         else:
@@ -225,7 +272,7 @@ class Qwen(nnx.Module):
             ks, vs = [], []
             for i, p in enumerate(layers):
                 kv = None if cache is None else (cache.k[i], cache.v[i])
-                x, kv = layer_fn(cfg, p, x, ctx, windows_l[i], kv)
+                x, kv = layer_fn(cfg, p, x, ctx, windows_l[i], kv, rng=layer_key(i))
                 if kv is not None:
                     ks.append(kv[0])
                     vs.append(kv[1])
@@ -235,6 +282,20 @@ class Qwen(nnx.Module):
         if return_hidden:
             return h, new_cache
         return self.logits(h), new_cache
+
+    def rewards(self, h_btd: jax.Array, index_b: jax.Array) -> jax.Array:
+        """fp32 [B]: the reward head read at one position per row, h[b, index_b[b]] @ score.
+
+        h_btd: final hidden states [B, T, D] (`__call__(..., return_hidden=True)`); index_b [B]
+        int: the position to read (the reward objective's length - 1, the `<|im_end|>` closing
+        the response). Computed in fp32 whatever the compute dtype.
+        """
+        if not hasattr(self, "score"):
+            raise ValueError("this model has no reward head (QwenConfig.reward_head=False)")
+        idx = index_b.astype(jnp.int32)[:, None, None]
+        h_bd = jnp.take_along_axis(h_btd, idx, axis=1)[:, 0].astype(jnp.float32)
+        score_d = self.score[...][:, 0].astype(jnp.float32)
+        return jnp.einsum("bd,d->b", h_bd, score_d, precision=jax.lax.Precision.HIGHEST)
 
     def _head(self) -> tuple[jax.Array, jax.Array | None]:
         """(output projection [D, V], its int8 scale [V] or None)."""

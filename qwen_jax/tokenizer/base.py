@@ -134,19 +134,49 @@ def decode_bytes(tok: Tokenizer, ids: Iterable[int]) -> str:
     return b"".join(tok.token_bytes(int(i)) for i in ids).decode("utf-8", errors="replace")
 
 
+def unknown_marker(token_id: int) -> str:
+    """The visible stand-in for an id the tokenizer has no text for (an embedding row past the
+    tokenizer's ids, or a gap in its table): `<unk:123456>`."""
+    return f"<unk:{token_id}>"
+
+
 class StreamDetokenizer:
     """Incremental detokenization for streaming generation.
 
     `push(id)` returns the text that became complete with this token: a multi-byte UTF-8
     character split over several byte-level tokens is held back until its last byte arrives.
+    An id the tokenizer cannot decode (outside [0, vocab_size), or without bytes) is never
+    dropped silently: it becomes `unknown_marker(id)` in the text and is counted in `unknown`
+    (generation from a model whose embedding has more rows than the tokenizer has ids).
+    `Tokenizer.decode` itself stays strict and raises ValueError for such ids.
     """
 
     def __init__(self, tok: Tokenizer):
         self._tok = tok
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.unknown = 0
 
     def push(self, token_id: int) -> str:
-        return self._decoder.decode(self._tok.token_bytes(int(token_id)))
+        token_id = int(token_id)
+        data = None
+        if 0 <= token_id < self._tok.vocab_size:
+            try:
+                data = self._tok.token_bytes(token_id)
+            except ValueError:
+                data = None
+        if data is None:
+            self.unknown += 1
+            # Bytes held back for an unfinished character are broken by the marker: flush them.
+            return self.flush() + unknown_marker(token_id)
+        return self._decoder.decode(data)
 
     def flush(self) -> str:
         return self._decoder.decode(b"", final=True)
+
+
+def decode_marking_unknown(tok: Tokenizer, ids: Iterable[int]) -> tuple[str, int]:
+    """(text, number of unknown ids): `decode` that renders ids the tokenizer cannot decode as
+    `unknown_marker(id)` instead of raising."""
+    detok = StreamDetokenizer(tok)
+    text = "".join(detok.push(i) for i in ids) + detok.flush()
+    return text, detok.unknown

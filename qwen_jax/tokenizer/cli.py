@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+
+from qwen_jax.cli import UsageError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,6 +29,11 @@ def _parser() -> argparse.ArgumentParser:
         help="treat special-token surface forms as plain text (user content)",
     )
     enc.add_argument("--pieces", action="store_true", help="also print each token's bytes")
+    enc.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse input that is not valid UTF-8 (default: replace it with U+FFFD and warn)",
+    )
     dec = sub.add_parser("decode", help="print the text of IDS")
     dec.add_argument("ids", nargs="+", type=int)
     sub.add_parser("info", help="vocab size and special ids")
@@ -97,12 +105,42 @@ def main(argv: list[str]) -> int:
             )
         )
     elif args.cmd == "encode":
-        text = sys.stdin.read() if args.text == "-" else args.text
+        # The bytes the user gave: argv arrives surrogate-escaped, stdin is read raw.
+        raw = sys.stdin.buffer.read() if args.text == "-" else os.fsencode(args.text)
+        text, bad = decode_utf8(raw)
+        if bad and args.strict:
+            raise UsageError(f"the input is not valid UTF-8 ({bad} invalid byte(s))")
+        if bad:
+            print(
+                f"qwen-jax tokenizer: warning: replaced {bad} invalid UTF-8 byte(s) with U+FFFD "
+                "(--strict refuses such input)",
+                file=sys.stderr,
+            )
         ids = tok.encode(text, allowed_special=set() if args.no_special else "all")
         print(" ".join(map(str, ids)))
         if args.pieces:
             for i in ids:
                 print(f"{i}\t{tok.token_bytes(i)!r}")
     else:
+        outside = [i for i in args.ids if not 0 <= i < tok.vocab_size]
+        if outside:
+            raise UsageError(
+                f"token id {outside[0]} is outside the vocabulary of {args.tokenizer!r} "
+                f"(vocab size {tok.vocab_size}: ids 0..{tok.vocab_size - 1})"
+            )
         print(tok.decode(args.ids))
     return 0
+
+
+def decode_utf8(raw: bytes) -> tuple[str, int]:
+    """UTF-8 text with each invalid byte sequence replaced by U+FFFD, and how many bytes were
+    invalid (0 for valid input)."""
+    parts, bad, start = [], 0, 0
+    while True:
+        try:
+            parts.append(raw[start:].decode("utf-8"))
+            return "".join(parts), bad
+        except UnicodeDecodeError as e:
+            parts.append(raw[start : start + e.start].decode("utf-8") + "\ufffd")
+            bad += e.end - e.start
+            start += e.end

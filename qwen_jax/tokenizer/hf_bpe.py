@@ -115,7 +115,9 @@ class HFBPETokenizer:
         try:
             return self._bytes[token_id]
         except KeyError:
-            raise ValueError(f"token id {token_id} is outside the vocabulary") from None
+            raise ValueError(
+                f"token id {token_id} is outside the vocabulary [0, {self.vocab_size})"
+            ) from None
 
     def id_to_piece(self, token_id: int) -> str:
         return self.token_bytes(token_id).decode("utf-8", errors="backslashreplace")

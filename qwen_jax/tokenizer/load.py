@@ -19,6 +19,10 @@ from qwen_jax.tokenizer.assets import qwen_tiktoken_path, verify_sha256
 from qwen_jax.tokenizer.base import Tokenizer
 
 
+class TokenizerLoadError(ValueError):
+    """A tokenizer spec that names a file or folder no backend can read; the message names it."""
+
+
 def load_tokenizer(spec: str | os.PathLike, *, sha256: str | None = None) -> Tokenizer:
     """Load a tokenizer from `spec` (see module docstring).
 
@@ -53,7 +57,7 @@ def _resolve(path: Path) -> tuple[str, Path]:
             return "sentencepiece", path
         if path.suffix == ".json":
             return "hf", path
-        raise ValueError(f"{path}: unknown tokenizer file type (.tiktoken, .model, .json)")
+        raise TokenizerLoadError(f"{path}: unknown tokenizer file type (.tiktoken, .model, .json)")
     if (path / "qwen.tiktoken").exists():
         return "tiktoken", path / "qwen.tiktoken"
     if (path / "tokenizer.json").exists():
@@ -73,6 +77,16 @@ def _resolve(path: Path) -> tuple[str, Path]:
 @functools.lru_cache(maxsize=16)
 def _load(kind: str, path: str, stamp: tuple) -> Tokenizer:
     del stamp  # cache key only
+    try:
+        return _construct(kind, path)
+    except (FileNotFoundError, TokenizerLoadError):
+        raise
+    except Exception as e:  # noqa: BLE001 - each backend fails its own way on a damaged file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise TokenizerLoadError(f"{path}: not a readable {kind} tokenizer ({first})") from None
+
+
+def _construct(kind: str, path: str) -> Tokenizer:
     if kind == "tiktoken":
         from qwen_jax.tokenizer.qwen_tiktoken import QwenTiktokenizer
 

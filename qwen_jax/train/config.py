@@ -9,6 +9,8 @@ anything is built or compiled.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import types
 import typing
 from typing import Any
@@ -25,7 +27,9 @@ from qwen_jax.train.step import StepConfig
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     # A registered seqio Task or Mixture, or user files: a path or glob (comma-separated for
-    # several) of .jsonl ("text" field) / .txt (one document per file), local or gs://.
+    # several) of .jsonl (text, chat or preference records; the kind is detected from the first
+    # record or given as a prefix "lm:" / "sft:" / "preference:") or .txt (one document per
+    # file), local or gs:// (qwen_jax/data/user_files.py).
     mixture: str = "demo_pretrain_v1"
     eval_mixture: str = ""  # the same kinds of names; "" = no held-out eval
     eval_split: str = "validation"
@@ -36,6 +40,8 @@ class DataConfig:
     num_shards: int = 0  # logical data shards (0 = one per process); see data_sharding.py
     seed: int = 0
     pack: bool = True
+    # Malformed records skipped (fraction of those read, per file) before a DataError.
+    max_bad_fraction: float = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +118,7 @@ class TrainConfig:
         d = c.to_dict()
         unknown = sorted(set(d) - {"model", "init_from", *_SECTIONS})
         if unknown:
-            raise ValueError(f"unknown config section(s) {unknown}")
+            raise ValueError(unknown_key_message(unknown[0], ["model", "init_from", *_SECTIONS]))
         init_from = d.get("init_from", "")
         _check_type("init_from", init_from, str)
         model = dict(d.get("model", {}))
@@ -122,7 +128,8 @@ class TrainConfig:
         overrides = []
         for key, value in sorted(model.items()):
             if key not in fields:
-                raise ValueError(f"unknown config key model.{key}")
+                known = ["model.preset", *(f"model.{f}" for f in fields)]
+                raise ValueError(unknown_key_message(f"model.{key}", known))
             if value is None:
                 continue
             if key == "attn_windows":
@@ -135,6 +142,7 @@ class TrainConfig:
         out = cls(
             model_preset=preset, model_overrides=tuple(overrides), init_from=init_from, **sections
         )
+        check_values(out)
         out.model_config()  # fail now on a bad preset or field combination
         make_objective(out.objective)  # ... or an unknown objective
         return out
@@ -199,10 +207,80 @@ def _build(section: str, cls: type, values: dict[str, Any]):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"unknown config key {section}.{unknown[0]}")
+        known = [f"{section}.{n}" for n in sorted(names)]
+        raise ValueError(unknown_key_message(f"{section}.{unknown[0]}", known))
     for key, value in values.items():
         _check_type(f"{section}.{key}", value, hints[key])
     return cls(**{k: (float(v) if hints[k] is float else v) for k, v in values.items()})
+
+
+def unknown_key_message(key: str, known) -> str:
+    """ "unknown config key run.stepz; did you mean run.steps?" (the closest known key)."""
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f"unknown config key {key}" + (f"; did you mean {close[0]}?" if close else "")
+
+
+def config_keys(c: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of a ConfigDict ("run.steps", "model.hidden_size", ...)."""
+    out = []
+    for key, value in c.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            out += config_keys(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def check_values(cfg: TrainConfig) -> None:
+    """Values no run can use (a negative step count, an empty batch, ...) raise ValueError
+    naming the key and the value, before anything is built."""
+    d, r, o = cfg.data, cfg.run, cfg.optim
+
+    def need(ok: bool, key: str, value, rule: str) -> None:
+        if not ok:
+            raise ValueError(f"config key {key}={value!r}: must be {rule}")
+
+    need(d.seq_len >= 2, "data.seq_len", d.seq_len, ">= 2 (inputs and their next tokens)")
+    need(d.global_batch >= 1, "data.global_batch", d.global_batch, ">= 1")
+    need(d.num_shards >= 0, "data.num_shards", d.num_shards, ">= 0 (0 = one per process)")
+    need(r.steps >= 1, "run.steps", r.steps, ">= 1")
+    need(r.log_every >= 1, "run.log_every", r.log_every, ">= 1")
+    need(r.eval_every >= 0, "run.eval_every", r.eval_every, ">= 0 (0 = never)")
+    if r.eval_every:
+        need(r.eval_batches >= 1, "run.eval_batches", r.eval_batches, ">= 1 when evaluating")
+    need(r.checkpoint_every >= 0, "run.checkpoint_every", r.checkpoint_every, ">= 0 (0 = at end)")
+    need(r.keep_checkpoints >= 1, "run.keep_checkpoints", r.keep_checkpoints, ">= 1")
+    need(cfg.step.microbatches >= 1, "step.microbatches", cfg.step.microbatches, ">= 1")
+    for key in ("data", "fsdp", "tensor"):
+        value = getattr(cfg.mesh, key)
+        need(value == -1 or value >= 1, f"mesh.{key}", value, ">= 1 or -1 (the rest)")
+    for key in ("peak_lr", "eps", "weight_decay", "clip_norm", "b1", "b2"):
+        value = getattr(o, key)
+        need(math.isfinite(value) and value >= 0, f"optim.{key}", value, "finite and >= 0")
+    need(o.b1 < 1, "optim.b1", o.b1, "< 1")
+    need(o.b2 < 1, "optim.b2", o.b2, "< 1")
+    need(0 <= o.final_lr_fraction <= 1, "optim.final_lr_fraction", o.final_lr_fraction, "in [0, 1]")
+    need(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
+    need(o.total_steps >= 1, "optim.total_steps", o.total_steps, ">= 1")
+    if o.schedule == "cosine":
+        need(
+            o.warmup_steps <= o.total_steps,
+            "optim.warmup_steps",
+            o.warmup_steps,
+            f"<= optim.total_steps={o.total_steps} (the cosine decays after the warmup)",
+        )
+    need(o.schedule in ("cosine", "constant"), "optim.schedule", o.schedule, "cosine or constant")
+    frac = d.max_bad_fraction
+    need(0 <= frac <= 1, "data.max_bad_fraction", frac, "in [0, 1]")
+    j = cfg.objective
+    need(j.loss_chunk >= 1, "objective.loss_chunk", j.loss_chunk, ">= 1")
+    need(j.beta > 0, "objective.beta", j.beta, "> 0")
+    need(j.dpo_loss in ("sigmoid", "ipo"), "objective.dpo_loss", j.dpo_loss, "sigmoid or ipo")
+    need(
+        0 <= j.label_smoothing < 0.5, "objective.label_smoothing", j.label_smoothing, "in [0, 0.5)"
+    )
+    refs = ("model", "precomputed")
+    need(j.reference in refs, "objective.reference", j.reference, "model or precomputed")
 
 
 def load_experiment(path, arg: str | None = None) -> ml_collections.ConfigDict:

@@ -29,8 +29,9 @@ def shards_of_process(num_shards: int) -> range:
 class ShardedData:
     """The owned shard iterators of one split, concatenated into this process's rows.
 
-    `dataset` is a registered seqio Task or Mixture, or user files (a path or glob of .jsonl /
-    .txt, local or gs://; qwen_jax.data.user_files), registered here as a Task.
+    `dataset` is a registered seqio Task or Mixture, or user files (a path or glob of .jsonl
+    text / chat / preference records or .txt, local or gs://; qwen_jax.data.user_files),
+    registered here as a Task.
     """
 
     def __init__(
@@ -65,6 +66,7 @@ class ShardedData:
                 pack=d.pack,
                 data_dir=d.data_dir or None,
                 vocab=vocab,
+                max_bad_fraction=d.max_bad_fraction,
             )
             for s in shards_of_process(self.num_shards)
         ]

@@ -25,6 +25,7 @@ from flax import nnx
 
 from qwen_jax.model.config import QwenConfig
 from qwen_jax.model.factory import abstract_model
+from qwen_jax.train.step import base_config
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,13 @@ def check_source(source: Source, model_cfg: QwenConfig) -> None:
             f"{where}: vocabulary mismatch: the source has {src.vocab_size} embedding rows, the "
             f"run's model {model_cfg.vocab_size} (set by the tokenizer or model.vocab_size)"
         )
-    want, got = _param_shapes(model_cfg), _param_shapes(src)
+    if source.kind == "train" and src.lora_rank:
+        raise InitFromError(
+            f"{where}: a LoRA run's checkpoints hold adapters, not a model; export it merged "
+            "first (`qwen-jax export`) and start from the export"
+        )
+    # Adapters and a reward head start fresh: only the base weights come from the source.
+    want, got = _param_shapes(base_config(model_cfg)), _param_shapes(base_config(src))
     problems = [f"{k} missing from the source" for k in sorted(set(want) - set(got))]
     problems += [
         f"{k} in the source is not in the run's model" for k in sorted(set(got) - set(want))
@@ -111,7 +118,7 @@ def check_source(source: Source, model_cfg: QwenConfig) -> None:
 def load_source_params(source: Source, model_cfg: QwenConfig, steps) -> nnx.State:
     """The source's parameters, restored directly into `steps.state_shardings["params"]` (the
     run's param dtype); call `check_source` first."""
-    target = steps.sharded_abstract_state()["params"]
+    target = steps.base_params
     if source.kind == "train":
         from qwen_jax.train.checkpointing import restore_params
 
@@ -124,6 +131,6 @@ def load_source_params(source: Source, model_cfg: QwenConfig, steps) -> nnx.Stat
     from qwen_jax.checkpoint import load_hf, load_params
 
     load = load_params if source.kind == "params" else load_hf
-    _, model = load(source.path, mesh=steps.mesh, cfg=model_cfg)
+    _, model = load(source.path, mesh=steps.mesh, cfg=base_config(model_cfg))
     # Same rules table, same shardings: device_put is a no-op unless a layout differs.
-    return jax.device_put(nnx.state(model, nnx.Param), steps.state_shardings["params"])
+    return jax.device_put(nnx.state(model, nnx.Param), jax.tree.map(lambda a: a.sharding, target))

@@ -8,15 +8,23 @@ initialisation. A resume always wins over init_from.
 Resume. Each checkpoint stores the state, every owned shard's iterator position and the resolved
 config; restoring them makes the continued run see exactly the batches the uninterrupted run
 would have seen. SIGTERM/SIGINT (TPU preemption) finishes the current step, saves, and exits.
+A checkpoint that does not restore is moved aside (checkpointing.py) and the run resumes from
+the one before; metrics.jsonl and TensorBoard drop what the resumed run logs again.
+
+Workdir. Checked first (a writable directory, or creatable in one): a file, a read-only or full
+disk is one WorkdirError line before anything loads; a full disk later is one too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import math
+import os
 import signal
+import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -27,6 +35,7 @@ from qwen_jax.sharding import make_mesh
 from qwen_jax.train.checkpointing import (
     ConfigMismatchError,
     TrainCheckpointer,
+    WorkdirError,
     config_differences,
     has_checkpoint,
 )
@@ -77,12 +86,46 @@ def model_vocab_size(config: TrainConfig, tokenizer_vocab: int) -> int | None:
     return None
 
 
+def check_workdir(workdir: Path) -> None:
+    """Raise WorkdirError unless `workdir` is a writable directory or can be made one (its
+    nearest existing ancestor is one). Writability is tried, not asked (os.access says yes to
+    root on a read-only mount): a small file written, synced and removed. Nothing is created."""
+    existing = workdir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == workdir else f" ({existing} is a file)"
+        raise WorkdirError(f"workdir {workdir} is not a directory{where}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".qwen-jax-write-test-")
+        try:
+            os.write(fd, bytes(4096))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        reason = "no space left on device" if e.errno == errno.ENOSPC else e.strerror or str(e)
+        raise WorkdirError(f"workdir {workdir} is not writable: {reason}") from e
+
+
 def train(config: TrainConfig, workdir: str | Path, *, force: bool = False) -> RunResult:
     """Initialise or resume in `workdir`, train to config.run.steps, checkpoint, return history."""
+    workdir = Path(workdir)
+    check_workdir(workdir)
+    try:
+        return _train(config, workdir, force)
+    except OSError as e:
+        if isinstance(e, WorkdirError) or e.errno != errno.ENOSPC:
+            raise
+        # metrics.jsonl, TensorBoard, config.json (checkpoints raise their own WorkdirError)
+        raise WorkdirError(f"no space left on device while writing to {workdir}") from e
+
+
+def _train(config: TrainConfig, workdir: Path, force: bool) -> RunResult:
     from qwen_jax.tokenizer import load_tokenizer
     from qwen_jax.train import init_from
 
-    workdir = Path(workdir)
     tokenizer = load_tokenizer(config.data.tokenizer)
     model_cfg = config.model_config(model_vocab_size(config, tokenizer.vocab_size))
     if tokenizer.vocab_size > model_cfg.vocab_size:
@@ -206,7 +249,7 @@ def evaluate(config: TrainConfig, steps: Steps, state, vocab) -> dict[str, float
     )
     sums: dict[str, float] = {}
     for _ in range(config.run.eval_batches):
-        out = jax.device_get(steps.evaluate(state["params"], steps.device_batch(data.next_local())))
+        out = jax.device_get(steps.evaluate(state, steps.device_batch(data.next_local())))
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(v)
     total = sums.get(weight, 0.0)
@@ -217,4 +260,4 @@ def evaluate(config: TrainConfig, steps: Steps, state, vocab) -> dict[str, float
     }
 
 
-__all__ = ["train", "RunResult", "evaluate", "model_vocab_size"]
+__all__ = ["train", "RunResult", "WorkdirError", "check_workdir", "evaluate", "model_vocab_size"]

@@ -1,9 +1,15 @@
-"""Metric sinks of the training loop (process 0 only): jsonl, TensorBoard, progress bar; and MFU."""
+"""Metric sinks of the training loop (process 0 only): jsonl, TensorBoard, progress bar; and MFU.
+
+One record per step whatever the crash history: a run resumed at step S logs steps S+1... again
+(they ran after the checkpoint it restored), so it first drops the records past S from
+metrics.jsonl and tells TensorBoard to purge them (SummaryWriter's purge_step).
+"""
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 from pathlib import Path
 
@@ -41,9 +47,31 @@ def peak_flops_per_device(dtype="bfloat16", device=None) -> float:
     return measured_cpu_matmul_peak() if peak is None else peak
 
 
+def trim_metrics(path: Path, last_step: int) -> None:
+    """Keep the records of metrics.jsonl with step <= last_step, rewritten atomically (temp
+    file, fsync, os.replace: a kill during the rewrite leaves the old file or the new one).
+    A line cut short by a kill mid-write is dropped too (it would glue onto the next record)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= last_step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 class MetricsWriter:
     """Writes scalars to workdir/metrics.jsonl and TensorBoard; shows a tqdm bar. No-op off
-    process 0."""
+    process 0. `start_step`: the step the run starts from; records after it are dropped."""
 
     def __init__(self, workdir: Path, total_steps: int, start_step: int):
         self.enabled = jax.process_index() == 0
@@ -51,10 +79,12 @@ class MetricsWriter:
             return
         from tqdm import tqdm
 
+        trim_metrics(workdir / "metrics.jsonl", start_step)
         self.jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
         from tensorboardX import SummaryWriter
 
-        self.tb = SummaryWriter(str(workdir / "tensorboard"))
+        # Steps are logged from 1: TensorBoard hides the earlier events at steps >= purge_step.
+        self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=start_step + 1)
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:

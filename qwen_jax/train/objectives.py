@@ -1,13 +1,15 @@
 """Training objectives: what a step reads from a batch and what it minimises.
 
 An `Objective` declares its batch features (name, dtype, per-token or per-example) and maps
-(model, batch) to sums: (objective_sum, metric sums), where the metric sums hold the objective's
-weight under `weight_name` (tokens for the LM loss; pairs or sequences for later objectives).
+(model, batch, StepContext) to sums: (objective_sum, metric sums), where the metric sums hold
+the objective's weight under `weight_name` (tokens for the LM loss; pairs for the preference
+objectives).
 The one train step (step.py) differentiates objective_sum, accumulates every sum over
 microbatches in fp32 and divides gradients and metrics by the total weight once, so gradient
 accumulation is exact for every objective. Adding an objective = a subclass + an entry in
 `OBJECTIVES` (+ its knobs in `ObjectiveConfig`); the step, the loop, AOT compile and the bench
-need no change.
+need no change. Objectives: "lm" (pretraining, and chat SFT: SFT batches carry the same decoder
+features with the ChatML loss mask as weights), "reward" (train/reward.py), "dpo" (train/dpo.py).
 """
 
 from __future__ import annotations
@@ -45,6 +47,26 @@ class ObjectiveConfig:
     name: str = "lm"  # a key of OBJECTIVES
     z_loss: float = 0.0  # lm: PaLM's z-loss coefficient on logsumexp^2
     loss_chunk: int = 256  # all: sequence positions per block through the vocabulary head
+    beta: float = 0.1  # dpo: strength of the implicit KL penalty
+    dpo_loss: str = "sigmoid"  # dpo: "sigmoid" (DPO) | "ipo"
+    label_smoothing: float = 0.0  # dpo: conservative DPO's label noise (sigmoid only)
+    # dpo: where the reference log-probs come from: "model" (a frozen copy of the starting
+    # weights, run on every batch) or "precomputed" (batch features ref_{chosen,rejected}_logps).
+    reference: str = "model"
+    margin: float = 0.0  # reward: m in -log sigmoid(r_chosen - r_rejected - m)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+    """What the step hands an objective besides the model and batch.
+
+    rng: the dropout key of this (micro)batch, None when no dropout is configured and always in
+    evaluation. reference: the frozen reference model of objectives with `needs_reference`
+    (DPO), else None.
+    """
+
+    rng: jax.Array | None = None
+    reference: Qwen | None = None
 
 
 class Objective(abc.ABC):
@@ -52,6 +74,7 @@ class Objective(abc.ABC):
 
     features: ClassVar[tuple[Feature, ...]]
     weight_name: ClassVar[str]  # the metric sum that normalises gradients and metrics
+    needs_reference: ClassVar[bool] = False  # the step passes StepContext.reference
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -64,7 +87,9 @@ class Objective(abc.ABC):
         }
 
     @abc.abstractmethod
-    def loss_sums(self, model: Qwen, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def loss_sums(
+        self, model: Qwen, batch: Batch, ctx: StepContext
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(objective sum, {metric: sum} incl. `weight_name`) of one (micro)batch, fp32 scalars."""
 
 
@@ -92,12 +117,15 @@ class LMObjective(Objective):
     features: ClassVar[tuple[Feature, ...]] = LM_FEATURES
     weight_name: ClassVar[str] = "tokens"
 
-    def loss_sums(self, model: Qwen, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def loss_sums(
+        self, model: Qwen, batch: Batch, ctx: StepContext
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         h_btd, _ = model(
             batch["decoder_input_tokens"],
             positions_bt=batch["decoder_positions"],
             segment_ids_bt=batch["decoder_segment_ids"],
             return_hidden=True,
+            dropout_rng=ctx.rng,
         )
         ce, z, w = chunked_cross_entropy(
             h_btd,
@@ -111,8 +139,29 @@ class LMObjective(Objective):
         return ce + z, {"loss": ce, "z_loss": z, "tokens": w}
 
 
+def _reward(c: ObjectiveConfig) -> Objective:
+    from qwen_jax.train.reward import RewardObjective
+
+    return RewardObjective(margin=c.margin)
+
+
+def _dpo(c: ObjectiveConfig) -> Objective:
+    from qwen_jax.train.dpo import DPOObjective
+
+    return DPOObjective(
+        beta=c.beta,
+        loss_type=c.dpo_loss,
+        label_smoothing=c.label_smoothing,
+        reference=c.reference,
+        chunk=c.loss_chunk,
+    )
+
+
+# The preference objectives import lazily: their modules import this one.
 OBJECTIVES: dict[str, Callable[[ObjectiveConfig], Objective]] = {
     "lm": lambda c: LMObjective(z_loss=c.z_loss, chunk=c.loss_chunk),
+    "reward": _reward,
+    "dpo": _dpo,
 }
 
 
