@@ -23,7 +23,7 @@ DEMO_DIR ?= runs/demo
 $(STAMP):
 	rm -rf $(VENV) && mkdir -p $(dir $(VENV))
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[test,tpu]'
+	$(BIN)/pip install -q -e '.[test,tpu,sweep]'
 	touch $@
 
 # Point the shared environment's editable install at this checkout.

@@ -39,6 +39,9 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "generate": ("qwen_jax.infer.generate_cli", "main", "continue a prompt (KV-cache decoding)"),
     "chat": ("qwen_jax.infer.chat", "main", "interactive ChatML conversation"),
     "rm": ("qwen_jax.train.rm_score", "main", "reward model: `rm score` pairs or responses"),
+    "serve": ("qwen_jax.serve.cli", "main", "OpenAI-compatible server, continuous batching"),
+    "agent": ("qwen_jax.tools.cli", "main", "ReAct agent with tools and a code interpreter"),
+    "sweep": ("qwen_jax.sweep.cli", "main", "plan, launch, watch and collect sweeps"),
 }
 
 VERBOSE_ENV = "QWEN_JAX_VERBOSE"
@@ -98,7 +101,7 @@ def quiet_environment(verb: str, verbose: bool) -> None:
     env = os.environ
     if not _tpu_host():
         env.setdefault("JAX_PLATFORMS", "cuda,cpu" if _cuda_available() else "cpu")
-        if verb == "compile":
+        if verb in ("compile", "sweep"):  # sweep plan compiles for TPU slices
             env.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
             env.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
             env.setdefault("TPU_WORKER_HOSTNAMES", "localhost")

@@ -14,7 +14,7 @@ from qwen_jax.evals import gsm8k, model_api, runner
 from qwen_jax.evals.ceval import CEVAL_SUBJECTS
 from qwen_jax.evals.data import read_records, write_jsonl
 from qwen_jax.evals.fetch import ensure_data
-from qwen_jax.evals.tasks import BENCHMARKS, build_task
+from qwen_jax.evals.tasks import DEFAULT_BENCHMARKS, build_task
 
 GOLDEN = Path(__file__).parent / "data" / "evals_golden"
 
@@ -157,12 +157,20 @@ def test_malformed_rows_get_a_status_and_the_run_continues(tmp_path):
 
 
 def test_cli_end_to_end_every_benchmark(full_data_dir, tmp_path, monkeypatch, capsys):
-    """`qwen-jax eval run` over 3 items of every benchmark, base then chat: completes, writes
+    """`qwen-jax eval run` over 3 items of every report benchmark (the tool-use ones are in
+    tests/test_tool_evals.py), base then chat: completes, writes
     the table and every sample (near-zero scores expected from the constant model)."""
     model = ConstantModel("    return None\n")
     monkeypatch.setattr(evals_cli, "load_model", lambda args: model)
     out = tmp_path / "out"
-    args = ["eval", "run", "--checkpoint", str(tmp_path), "--benchmarks", ",".join(BENCHMARKS)]
+    args = [
+        "eval",
+        "run",
+        "--checkpoint",
+        str(tmp_path),
+        "--benchmarks",
+        ",".join(DEFAULT_BENCHMARKS),
+    ]
     args += ["--data-dir", str(full_data_dir), "--limit", "3", "--out", str(out)]
     assert cli.main(args) == 0
     assert cli.main(args + ["--chat"]) == 0

@@ -14,6 +14,13 @@ The child then sets the resource limits, drops to a uid used by no one else (so 
 counts this program's processes only), forbids privilege gain (no_new_privs, so setuid binaries
 do not help), arms a parent-death SIGKILL, and execs the program.
 
+Two options serve a long-lived process (the code interpreter's kernel, `sandbox.spawn`):
+`bind_workdir` keeps the host's working directory itself as the writable cwd (bind-mounted
+read-write in the sealed namespace, handed recursively to the sandbox uid) so the host sees the
+files it writes, and `expose` makes host directories (a venv under a 0700 /root) reachable
+read-only at the same path. A `cpu_s` of null leaves RLIMIT_CPU unlimited (the kernel arms it
+per cell).
+
 Without `isolate` only the limits and (as root) the uid drop apply; the host then sweeps the
 uid's processes itself. Exit code 125 with a `qwen-jax-jail:` line on stderr means the launcher
 itself failed (for example unshare refused), not the program.
@@ -25,6 +32,7 @@ import os
 import resource
 import select
 import signal
+import stat
 import sys
 
 CLONE_NEWNS = 0x00020000
@@ -73,14 +81,49 @@ def _mount_points() -> list[str]:
     return points
 
 
-def _seal_filesystem(workdir: str, tmpfs_bytes: int, uid: int) -> None:
-    """Private mount namespace: everything read-only except a tmpfs working directory."""
+def _blocking_ancestor(path: str) -> str | None:
+    """The outermost directory above `path` that "other" may not search, if any."""
+    parts = path.strip("/").split("/")[:-1]
+    for i in range(len(parts)):
+        ancestor = "/" + "/".join(parts[: i + 1])
+        if not os.stat(ancestor).st_mode & stat.S_IXOTH:
+            return ancestor
+    return None
+
+
+def _expose(paths: list[str]) -> None:
+    """Make each directory in `paths` reachable read-only at its own path: a small tmpfs over
+    the blocking ancestor holds the path down to a bind mount of the real directory (the rest
+    of that ancestor is hidden). Runs in the private mount namespace, before the read-only pass.
+    """
+    paths = [p for p in paths if not any(p != q and p.startswith(q + "/") for q in paths)]
+    fds = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in paths}  # before anything is hidden
+    blocked = {}
+    for p in paths:
+        ancestor = _blocking_ancestor(p)
+        if ancestor is not None:
+            blocked.setdefault(ancestor, []).append(p)
+    for ancestor in sorted(blocked, key=len):
+        _mount("tmpfs", ancestor, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+        for p in blocked[ancestor]:
+            os.makedirs(p, mode=0o755, exist_ok=True)
+            _mount(f"/proc/self/fd/{fds[p]}", p, None, MS_BIND | MS_REC)
+    for fd in fds.values():
+        os.close(fd)
+
+
+def _seal_filesystem(workdir: str, tmpfs_bytes: int, uid: int, cfg: dict) -> None:
+    """Private mount namespace: everything read-only except the working directory (a tmpfs,
+    or with `bind_workdir` the host's directory itself)."""
+    bind = cfg.get("bind_workdir", False)
     staged = {}
-    for name in os.listdir(workdir):
+    for name in [] if bind else os.listdir(workdir):
         with open(os.path.join(workdir, name), "rb") as f:
             staged[name] = f.read()
     # Without MS_PRIVATE the remounts below would propagate back to the host's mounts.
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    if uid is not None:
+        _expose(cfg.get("expose", []))
     for point in _mount_points():
         # A bind remount changes the flags of this namespace's view only; the superblock (and
         # every other namespace) keeps writing normally.
@@ -89,8 +132,13 @@ def _seal_filesystem(workdir: str, tmpfs_bytes: int, uid: int) -> None:
         except OSError:
             if point == "/":
                 raise
-    opts = f"size={tmpfs_bytes},mode=0700,uid={uid},gid={uid}"
-    _mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV, opts)
+    if bind:
+        # A bind mount starts with its source's (now read-only) flags; the remount clears them.
+        _mount(workdir, workdir, None, MS_BIND)
+        _mount(None, workdir, None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV)
+    else:
+        opts = f"size={tmpfs_bytes},mode=0700,uid={uid},gid={uid}"
+        _mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV, opts)
     for name, data in staged.items():
         path = os.path.join(workdir, name)
         with open(path, "wb") as f:
@@ -106,7 +154,8 @@ def _set_limits(limits: dict) -> None:
 
     both(resource.RLIMIT_AS, limits["memory_bytes"])
     # Soft limit sends SIGXCPU (catchable), the hard one a second later SIGKILL.
-    resource.setrlimit(resource.RLIMIT_CPU, (limits["cpu_s"], limits["cpu_s"] + 1))
+    if limits["cpu_s"] is not None:
+        resource.setrlimit(resource.RLIMIT_CPU, (limits["cpu_s"], limits["cpu_s"] + 1))
     both(resource.RLIMIT_NPROC, limits["nproc"])
     both(resource.RLIMIT_FSIZE, limits["file_bytes"])
     both(resource.RLIMIT_NOFILE, limits["nofile"])
@@ -118,7 +167,18 @@ def _become(cfg: dict, parent_alive_fd: int | None) -> None:
     uid = cfg["uid"]
     _set_limits(cfg["limits"])
     os.chdir(cfg["workdir"])
-    if uid is not None and not cfg["isolate"]:
+    if uid is not None and cfg.get("bind_workdir", False):
+        # The host's directory is the program's, with all it holds (files a previous kernel
+        # of the same conversation, under another uid, left). lchown: links are not followed;
+        # a file with other hard links may be a host file linked in (no mount guard in uid mode).
+        for root, dirs, files in os.walk("."):
+            for name in dirs + files:
+                path = os.path.join(root, name)
+                if name in dirs or os.lstat(path).st_nlink == 1:
+                    os.lchown(path, uid, uid)
+        os.chown(".", uid, uid)
+        os.chmod(".", 0o700)
+    elif uid is not None and not cfg["isolate"]:
         # No tmpfs in this mode: the host's directory itself becomes the program's (0700).
         for name in os.listdir("."):
             os.chown(name, uid, uid)
@@ -174,7 +234,7 @@ def main() -> None:
         _wait_and_mirror(pid)
     os.close(alive_w)
     try:
-        _seal_filesystem(cfg["workdir"], cfg["limits"]["tmpfs_bytes"], cfg["uid"])
+        _seal_filesystem(cfg["workdir"], cfg["limits"]["tmpfs_bytes"], cfg["uid"], cfg)
         _become(cfg, alive_r)
     except Exception as e:  # report and never fall through to running unsandboxed
         _fail(f"setup failed: {type(e).__name__}: {e}")

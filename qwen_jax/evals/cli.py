@@ -51,15 +51,16 @@ def load_model(args: argparse.Namespace):
 def build_parser() -> argparse.ArgumentParser:
     from qwen_jax.evals import runner
     from qwen_jax.evals.data import default_data_dir
-    from qwen_jax.evals.tasks import BENCHMARKS
+    from qwen_jax.evals.tasks import BENCHMARKS, DEFAULT_BENCHMARKS
     from qwen_jax.infer.options import model_parser
 
     parser = model_parser("qwen-jax eval run", runner.__doc__)
     g = parser.add_argument_group("evaluation")
     g.add_argument(
         "--benchmarks",
-        default=",".join(BENCHMARKS),
-        help=f"comma-separated subset of {','.join(BENCHMARKS)}",
+        default=",".join(DEFAULT_BENCHMARKS),
+        help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: "
+        f"{','.join(DEFAULT_BENCHMARKS)})",
     )
     g.add_argument(
         "--data-dir",

@@ -66,6 +66,8 @@ def _record(item: Item, output, verdict) -> dict:
 
 
 def _query(model: EvalModel, task: Task, batch: list[Item]) -> list[str]:
+    if task.query is not None:
+        return list(task.query(model, batch))
     prompts = [it.prompt for it in batch]
     if task.kind == "choice":
         logprobs_pc = np.asarray(model.next_token_logprobs(prompts, list(task.candidates)))
@@ -149,6 +151,8 @@ def summarize(task: Task, records: list[dict]) -> dict:
         summary["overall"] = 100.0 * mean_pass_at_k(counts, 1) if counts else None
     summary["status_counts"] = dict(Counter(r["status"] for r in records))
     summary["bad_input"] = len(records) - len(scored)
+    if task.report is not None:
+        summary["report"] = task.report(scored)
     return summary
 
 
@@ -261,4 +265,7 @@ def results_table(results: dict) -> str:
                 continue
             lines += ["", f"### {name}: per {title}", "", f"| {title} | score |", "|---|---|"]
             lines += [f"| {k} | {_fmt(v)} |" for k, v in table.items()]
+    for name, r in results.items():
+        if r.get("report", {}).get("table"):
+            lines += ["", f"### {name}: as the report lays it out", "", r["report"]["table"]]
     return "\n".join(lines) + "\n"

@@ -37,6 +37,12 @@ What it does NOT protect against (say so to anyone who relies on it):
   - a program that deliberately forges a pass (for example reads its own source to find the
     marker and prints it, then exits): the verdict trusts the marker's secrecy, not the program.
     This catches accidental early `sys.exit(0)`, not adversarial reward hacking.
+
+`spawn` starts a long-lived program under the same jail (the code interpreter's kernel,
+`qwen_jax/tools/interpreter.py`): pipes instead of files, the host's directory itself as its
+writable working directory (so the host sees what it writes), the caller enforcing the wall clock
+per request and killing the process group with `SandboxProcess.kill`.
+
 Without root or namespaces (`isolation == "uid"` or `"none"`) a loud warning is emitted once:
 only the limits, the process-group kill and (as root) the uid drop with a sweep of that uid's
 processes remain; network and filesystem writes are then NOT blocked. An in-process guard
@@ -193,6 +199,87 @@ def _run(source: str, limits: Limits, *, mode: str, stdin: str = "") -> ExecResu
         return _launch(cfg, base, limits, marker, drop, mode)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@dataclasses.dataclass
+class SandboxProcess:
+    """A running sandboxed program (`spawn`): `proc` is the launcher, whose pipes are the
+    program's stdin, stdout and stderr; `uid` the sandbox uid (None when not root)."""
+
+    proc: subprocess.Popen
+    uid: int | None
+    mode: str
+
+    def kill(self) -> int:
+        """SIGKILL the whole process tree (the PID namespace dies with it); the exit status."""
+        _kill_group(self.proc.pid)
+        rc = self.proc.wait()
+        if self.uid is not None and self.mode != "namespaces":
+            _sweep_uid(self.uid)
+        return rc
+
+    def close(self) -> None:
+        """Kill it if alive and close the pipes (after the caller read what they still hold)."""
+        if self.proc.returncode is None:
+            self.kill()
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def spawn(
+    argv: Sequence[str],
+    workdir: Path,
+    env: dict,
+    limits: Limits,
+    *,
+    cpu_limit: bool = True,
+    expose: Sequence[str] = (),
+) -> SandboxProcess:
+    """Start `argv` in the sandbox with stdin/stdout/stderr pipes, `workdir` (a host directory
+    whose parent only root may list) as its writable cwd, handed to the sandbox uid with its
+    contents. `cpu_limit=False` leaves RLIMIT_CPU to the program (a kernel arms it per
+    request); `expose`: host directories to make readable at their own path (namespaces only).
+    The caller applies the wall clock and must `kill()` it."""
+    mode = isolation()
+    drop = os.geteuid() == 0
+    cfg = {
+        "isolate": mode == "namespaces",
+        "uid_base": UID_BASE if drop else None,
+        "workdir": str(workdir),
+        "bind_workdir": True,
+        "expose": [str(p) for p in expose],
+        "argv": list(argv),
+        "env": env,
+        "limits": {
+            "memory_bytes": limits.memory_bytes,
+            "cpu_s": limits.cpu_s if cpu_limit else None,
+            "nproc": limits.nproc,
+            "file_bytes": limits.file_bytes,
+            "nofile": limits.nofile,
+            "tmpfs_bytes": limits.tmpfs_bytes,
+        },
+    }
+    launcher = [sys.executable, "-I", "-S", "-B", str(_JAIL), json.dumps(cfg)]
+    proc = subprocess.Popen(
+        launcher,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        env={},
+    )
+    return SandboxProcess(proc, UID_BASE + proc.pid if drop else None, mode)
+
+
+def sandbox_python(mode: str) -> tuple[str, list[str]]:
+    """(interpreter, directories to expose) for a sandboxed program that should import what
+    this environment has (numpy, matplotlib): the venv's own python where the jail can make it
+    reachable (namespaces) or no uid drop happens, else a world-executable system python."""
+    if mode == "namespaces" or os.geteuid() != 0:
+        prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)}
+        return sys.executable, sorted(prefixes)
+    return _python(), []
 
 
 def _launch(cfg, base: Path, limits: Limits, marker: str, drop: bool, mode: str) -> ExecResult:

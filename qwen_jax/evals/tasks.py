@@ -23,7 +23,12 @@ BENCHMARKS = {
     "math": "qwen_jax.evals.competition_math",
     "humaneval": "qwen_jax.evals.humaneval",
     "mbpp": "qwen_jax.evals.mbpp",
+    "ci_math": "qwen_jax.evals.ci_math",
+    "tool_select": "qwen_jax.evals.tool_select",
 }
+# What `eval run` runs when no --benchmarks is given: the report's Table 2 / 5 benchmarks. The
+# tool-use evaluations (Tables 6-8) start a sandboxed kernel per problem: asked for by name.
+DEFAULT_BENCHMARKS = ("mmlu", "ceval", "gsm8k", "math", "humaneval", "mbpp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +63,9 @@ class Task:
     candidate (stripped) is the output passed to `score`. kind="generate": greedy generation
     with `stop` and `max_new_tokens`; the text is the output.
     `score(items, outputs)` judges a batch (code tasks run it through the sandbox in parallel).
+    `query(model, items) -> outputs`, when given, replaces both (multi-step tasks: the agent
+    evaluations; outputs are then JSON-serialisable values). `report(records) -> {"metrics":
+    dict, "table": markdown}`, when given, adds the benchmark's own table to the summary.
     """
 
     name: str
@@ -70,6 +78,8 @@ class Task:
     average: str = "micro"
     groups: dict[str, tuple[str, ...]] | None = None
     metric: str = "accuracy"
+    query: Callable | None = None
+    report: Callable[[list[dict]], dict] | None = None
 
 
 def task_name(benchmark: str, shots: int, chat: bool) -> str:

@@ -44,7 +44,13 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from qwen_jax.infer.longctx import prefill_alpha
-from qwen_jax.infer.sampling import SamplerSpec, SamplingParams, sample, seen_tokens
+from qwen_jax.infer.sampling import (
+    SamplerSpec,
+    SamplingParams,
+    sample,
+    sample_rows,
+    seen_tokens,
+)
 from qwen_jax.infer.text import StopChecker
 from qwen_jax.model.cache import KVCache
 from qwen_jax.model.transformer import (
@@ -55,6 +61,7 @@ from qwen_jax.model.transformer import (
     split_layers,
     unstack_layers,
 )
+from qwen_jax.sharding import shard
 
 CHUNK = 1024  # prefill chunk; also the bucket step beyond it, so chunks tile every bucket
 GREEDY = SamplingParams()
@@ -178,6 +185,90 @@ def decode_step(graphdef, spec, state, layers, tok_b, step, alpha_b, cache, seen
         seen_bv = seen_bv.at[jnp.arange(tok_b.shape[0]), tok_b].set(True)
     nxt_b, logp_b = sample(logits_bv, jax.random.fold_in(key, step + 1), knobs, spec, seen_bv)
     return nxt_b, logp_b, cache.constrain(), seen_bv
+
+
+# ----------------------------------------------------- steps of the scheduler (qwen_jax.serve)
+# Rows are right-padded here: a prompt sits at slots [0, n) of its row (start 0), so a row
+# needs exactly n + new tokens - 1 slots and a cache of bucket_length(max_context) holds any
+# request the context budget admits (left padding would add up to a bucket's worth).
+
+
+# The serving batch's per-row [B, V] state (seen tokens) is sharded like the cache's rows, the
+# same way wherever it is made or updated, so its steps compile once under a mesh too.
+ROWS_AXES = ("cache_batch", None)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def prefill_rows_chunk(graphdef, state, layers, tokens_bc, alpha_b, cache, lengths_b):
+    """Write one right-padded chunk [B, C] at each row's length (positions slot - start).
+
+    lengths_b [B]: each row's real prompt length n; the cache's lengths end at min(length + C,
+    n), so padding written past n stays invisible (and is overwritten by decoding). Returns
+    (logits [B, V] at each row's last real column in this chunk, cache).
+    """
+    model = nnx.merge(graphdef, state)
+    before_b = cache.lengths
+    h_bcd, cache = model(
+        tokens_bc,
+        cache=cache,
+        rope_alpha_b=alpha_b,
+        logn=model.cfg.use_logn_attn,
+        return_hidden=True,
+        layers=layers,
+    )
+    after_b = jnp.minimum(cache.lengths, lengths_b)
+    last_b = jnp.clip(after_b - before_b - 1, 0, tokens_bc.shape[1] - 1)
+    h_b1d = jnp.take_along_axis(h_bcd, last_b[:, None, None], axis=1)
+    cache = KVCache(cache.k, cache.v, cache.starts, after_b)
+    return model.logits(h_b1d)[:, 0], cache.constrain()
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache", "seen_bv"))
+def decode_rows(
+    graphdef,
+    state,
+    layers,
+    tok_b,
+    active_b,
+    alpha_b,
+    cache,
+    seen_bv,
+    knobs_bk,
+    keys_b,
+    steps_b,
+    want_top,
+):
+    """One decode step of a serving batch: feed tokens [B] (rows where active_b [B] is False
+    are free and keep their length), then sample every row with its own settings
+    (`sampling.sample_rows`: knobs [B, K], key data [B, ...], draw index steps [B]; want_top
+    a scalar bool: some row asked for top log-probs).
+
+    Returns (tokens [B], raw logprobs [B], top ids [B, TOP_LOGPROBS], top logprobs
+    [B, TOP_LOGPROBS], cache, seen [B, V]).
+    """
+    model = nnx.merge(graphdef, state)
+    before_b = cache.lengths
+    h_b1d, cache = model(
+        tok_b[:, None],
+        cache=cache,
+        rope_alpha_b=alpha_b,
+        logn=model.cfg.use_logn_attn,
+        return_hidden=True,
+        layers=layers,
+    )
+    cache = KVCache(cache.k, cache.v, cache.starts, jnp.where(active_b, cache.lengths, before_b))
+    seen_bv = shard(seen_bv.at[jnp.arange(tok_b.shape[0]), tok_b].set(True), *ROWS_AXES)
+    out = sample_rows(model.logits(h_b1d)[:, 0], knobs_bk, keys_b, steps_b, seen_bv, want_top)
+    return (*out, cache.constrain(), seen_bv)
+
+
+sample_first = jax.jit(sample_rows)  # a prefilled request's first token: sample_rows, batch 1
+
+
+@functools.partial(jax.jit, donate_argnames=("x_b",))
+def put_row(x_b, row, value):
+    """x_b with row `row` replaced by `value` (one row of the serving batch's [B, V] state)."""
+    return shard(x_b.at[row].set(value), *ROWS_AXES)
 
 
 # ------------------------------------------------------------------------------- the engine

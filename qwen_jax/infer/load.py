@@ -21,9 +21,11 @@ class TokenizerMismatch(ValueError):
 
 def is_training_workdir(path: str | os.PathLike) -> bool:
     """Whether `path` is a `qwen-jax train` workdir (its config.json is the run's resolved
-    config, with `resolved_model`), not an export."""
-    cfg = Path(path) / "config.json"
+    config, with `resolved_model`), not an export. A gs:// workdir is read through epath."""
+    from qwen_jax.train.checkpointing import workdir_path
+
     try:
+        cfg = workdir_path(path) / "config.json"
         return cfg.is_file() and "resolved_model" in json.loads(cfg.read_text())
     except (OSError, ValueError):
         return False
@@ -35,7 +37,7 @@ def model_config(checkpoint: str | os.PathLike) -> QwenConfig:
     if is_training_workdir(checkpoint):
         from qwen_jax.train.export import run_model_config
 
-        return run_model_config(Path(checkpoint))[0]
+        return run_model_config(checkpoint)[0]
     return checkpoint_config(checkpoint)
 
 
@@ -60,7 +62,7 @@ def find_tokenizer(checkpoint: str | os.PathLike, spec: str | None = None):
     if is_training_workdir(checkpoint):
         from qwen_jax.train.export import run_model_config
 
-        run_spec = run_model_config(Path(checkpoint))[1]["data"]["tokenizer"]
+        run_spec = run_model_config(checkpoint)[1]["data"]["tokenizer"]
         if run_spec != "qwen" and not Path(run_spec).expanduser().exists():
             raise FileNotFoundError(
                 f"the run's tokenizer {run_spec!r} (data.tokenizer in {checkpoint}/config.json) "
@@ -134,7 +136,9 @@ def load_engine(
     weight-only int8 dense weights (qwen_jax.model.quantize; the config's matmul_impl picks the
     kernel or XLA).
     """
-    if not Path(checkpoint).is_dir():
+    from qwen_jax.train.checkpointing import workdir_path
+
+    if not workdir_path(checkpoint).is_dir():
         raise FileNotFoundError(f"checkpoint {checkpoint} is not a directory")
     workdir = is_training_workdir(checkpoint)
     cfg = model_config(checkpoint)
@@ -149,7 +153,7 @@ def load_engine(
     if workdir:
         from qwen_jax.train.export import restore_model
 
-        _, model, _ = restore_model(Path(checkpoint), mesh=mesh, **overrides)
+        _, model, _ = restore_model(checkpoint, mesh=mesh, **overrides)
     else:
         _, model = load_model(checkpoint, mesh=mesh, **overrides)
     if int8:

@@ -8,4 +8,5 @@ from __future__ import annotations
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]  # qwen_jax/testing/ -> the checkout's root
-EXPERIMENTS = sorted((REPO / "experiments").rglob("*.py"))
+# experiments/sweeps/ holds sweep files (qwen_jax.sweep.spec: get_sweep()), not experiments.
+EXPERIMENTS = sorted(p for p in (REPO / "experiments").rglob("*.py") if p.parent.name != "sweeps")

@@ -14,6 +14,11 @@ delete the good older step, and every later resume would relive the fallback. Or
 steps only after a newer one has committed, so with damaged steps out of the listing retention
 never removes the last step that restores. A full disk during a save is one WorkdirError line,
 not Orbax's hundreds of log lines.
+
+Remote workdirs. A workdir may be a URI (gs://bucket/run: cloud sweeps, multi-host runs that
+need shared storage): `workdir_path` makes it an etils.epath path, which Orbax writes through
+TensorStore's GCS driver and everything else reads and writes through tf.io.gfile (as
+sweep/collect.py does). Local paths stay pathlib.Path, handled exactly as before.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from qwen_jax.checkpoint import CheckpointError
 
@@ -43,6 +49,34 @@ class ConfigMismatchError(RuntimeError):
 
 class WorkdirError(OSError):
     """The run directory cannot be written: not a directory, read-only, or full (one line)."""
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """Whether `path` is a URI (gs://bucket/run): a pathlib path never holds `://`."""
+    return "://" in os.fspath(path)
+
+
+def workdir_path(path: str | os.PathLike) -> epath.Path:
+    """A workdir (or a path in one) as a path object: a URI through etils.epath (gs://, and any
+    scheme registered with it), a local path as pathlib.Path. pathlib would turn gs://b/x into
+    the local folder gs:/b/x; epath's gs:// goes through tf.io.gfile."""
+    if not is_remote(path):
+        return Path(path)
+    if not isinstance(path, str):
+        return path  # already an epath URI path
+    try:
+        return epath.Path(path)
+    except KeyError:  # epath's registry of URI schemes
+        raise ValueError(
+            f"{path}: unsupported storage scheme (use gs:// or a local path)"
+        ) from None
+
+
+def _orbax_directory(path: str | os.PathLike) -> epath.Path:
+    """The checkpoints directory as Orbax manages it: a local path made absolute (relative to
+    the working directory), a URI as is (TensorStore reaches gs:// through its own driver)."""
+    path = workdir_path(path)
+    return path if is_remote(path) else path.absolute()
 
 
 def _first_line(e: BaseException, limit: int = 300) -> str:
@@ -188,7 +222,7 @@ class TrainCheckpointer:
     """Save/restore of the training state; steps that do not restore are moved aside."""
 
     def __init__(self, directory: str | Path, *, keep: int, async_save: bool = True):
-        self.directory = Path(directory).absolute()
+        self.directory = _orbax_directory(directory)
         # A sibling, not a child: Orbax lists (and retention counts) only `directory`'s steps.
         self.damaged_directory = self.directory.with_name(self.directory.name + "_damaged")
         options = ocp.CheckpointManagerOptions(
@@ -276,9 +310,12 @@ class TrainCheckpointer:
         if jax.process_index() == 0:
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(source, target)
+                if is_remote(source):  # gfile renames a remote directory object by object
+                    source.rename(target)
+                else:
+                    os.replace(source, target)
                 moved = f"moved it to {target}"
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001 - OSError, or tf.errors from gfile
                 moved = f"could not move it aside ({e})"
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
@@ -337,7 +374,7 @@ def restore_items(
         lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype), abstract_items
     )
     _quiet_closed_loop_reports()
-    with ocp.CheckpointManager(Path(directory).absolute()) as manager:
+    with ocp.CheckpointManager(_orbax_directory(directory)) as manager:
         steps = sorted(manager.all_steps(), reverse=True)
         if step is not None and step not in steps:
             raise CheckpointError(f"no checkpoint step {step} in {directory} ({steps[::-1]})")
@@ -366,9 +403,16 @@ def restore_items(
 
 
 def has_checkpoint(directory: str | Path) -> bool:
-    """Whether a checkpoints directory holds a committed step (without creating anything)."""
-    path = Path(directory)
-    return path.is_dir() and any(p.is_dir() and p.name.isdigit() for p in path.iterdir())
+    """Whether a checkpoints directory holds a committed step (without creating anything). On
+    gs:// Orbax has no atomic rename: it writes a step in place and commits it last with a
+    commit_success.txt inside, so there a step counts only with that file."""
+    path = _orbax_directory(directory)
+    if not path.is_dir():
+        return False
+    steps = (p for p in path.iterdir() if p.is_dir() and p.name.isdigit())
+    if not str(path).startswith("gs://"):
+        return any(True for _ in steps)
+    return any((p / "commit_success.txt").exists() for p in steps)
 
 
 def abstract_like(tree):

@@ -33,5 +33,6 @@ def on_tpu_vm() -> bool:
     return (
         bool(os.environ.get("TPU_WORKER_HOSTNAMES"))
         and os.environ.get("JAX_PLATFORMS", "") not in ("cpu",)
-        and Path("/dev/accel0").exists()
+        # v4 exposes /dev/accel*, v5e / v5p / v6e VMs (and GKE TPU nodes) /dev/vfio/N.
+        and (Path("/dev/accel0").exists() or any(Path("/dev/vfio").glob("[0-9]*")))
     )

@@ -26,13 +26,13 @@ from qwen_jax.checkpoint.params import config_from_json
 from qwen_jax.model import lora
 from qwen_jax.model.transformer import Qwen
 from qwen_jax.sharding import make_mesh, tree_shardings
-from qwen_jax.train.checkpointing import has_checkpoint, restore_items
+from qwen_jax.train.checkpointing import has_checkpoint, restore_items, workdir_path
 from qwen_jax.train.step import prepared, split_model
 
 
-def run_model_config(workdir: Path):
-    """(QwenConfig, the run's resolved config dict) of a training workdir."""
-    resolved = workdir / "config.json"
+def run_model_config(workdir: str | Path):
+    """(QwenConfig, the run's resolved config dict) of a training workdir (local or gs://)."""
+    resolved = workdir_path(workdir) / "config.json"
     if not resolved.exists():
         raise CheckpointError(f"{resolved} not found: {workdir} is not a training workdir")
     try:
@@ -43,9 +43,15 @@ def run_model_config(workdir: Path):
 
 
 def restore_model(
-    workdir: Path, step: int | None = None, *, mesh="fsdp", merge_lora: bool = True, **overrides
+    workdir: str | Path,
+    step: int | None = None,
+    *,
+    mesh="fsdp",
+    merge_lora: bool = True,
+    **overrides,
 ):
-    """(step, model, run config) from a training checkpoint (newest restorable step, or `step`).
+    """(step, model, run config) from a training checkpoint (newest restorable step, or `step`)
+    of a local or remote (gs://) workdir.
 
     Only the weights are read (the trained params and, for LoRA, the frozen base), not the
     optimizer state. `mesh`: "fsdp" (default) shards FSDP over all local devices, a `Mesh`
@@ -54,6 +60,7 @@ def restore_model(
     back merged (a plain float model: what serving and exports want) unless merge_lora=False
     (the adapters as trained, for a PEFT export).
     """
+    workdir = workdir_path(workdir)
     model_cfg, run = run_model_config(workdir)
     model_cfg = model_cfg.replace(**overrides) if overrides else model_cfg
     graphdef, params, frozen = split_model(
@@ -118,7 +125,7 @@ def tokenizer_files(spec: str) -> list[Path]:
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="qwen-jax export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", type=Path, required=True)
+    p.add_argument("--workdir", required=True, help="a training workdir, local or gs://")
     p.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
     p.add_argument("--to", type=Path, required=True)
     p.add_argument("--hf", action="store_true", help="write an HF safetensors directory")

@@ -12,7 +12,10 @@ A checkpoint that does not restore is moved aside (checkpointing.py) and the run
 the one before; metrics.jsonl and TensorBoard drop what the resumed run logs again.
 
 Workdir. Checked first (a writable directory, or creatable in one): a file, a read-only or full
-disk is one WorkdirError line before anything loads; a full disk later is one too.
+disk is one WorkdirError line before anything loads; a full disk later is one too. A URI workdir
+(gs://bucket/run) is an etils.epath path (checkpointing.workdir_path): Orbax writes its
+checkpoints there, config.json is one object, and metrics.py uploads metrics.jsonl and the
+TensorBoard events at each checkpoint and at the end (an object store cannot append).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from qwen_jax.train.checkpointing import (
     WorkdirError,
     config_differences,
     has_checkpoint,
+    is_remote,
+    workdir_path,
 )
 from qwen_jax.train.config import TrainConfig
 from qwen_jax.train.data_sharding import ShardedData
@@ -86,10 +91,15 @@ def model_vocab_size(config: TrainConfig, tokenizer_vocab: int) -> int | None:
     return None
 
 
-def check_workdir(workdir: Path) -> None:
+def check_workdir(workdir: str | os.PathLike) -> None:
     """Raise WorkdirError unless `workdir` is a writable directory or can be made one (its
     nearest existing ancestor is one). Writability is tried, not asked (os.access says yes to
-    root on a read-only mount): a small file written, synced and removed. Nothing is created."""
+    root on a read-only mount): a small file written, synced and removed. Nothing is created
+    locally; a URI workdir is created (`_check_remote_workdir`)."""
+    workdir = workdir_path(workdir)
+    if is_remote(workdir):
+        _check_remote_workdir(workdir)
+        return
     existing = workdir
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -109,9 +119,32 @@ def check_workdir(workdir: Path) -> None:
         raise WorkdirError(f"workdir {workdir} is not writable: {reason}") from e
 
 
+def _check_remote_workdir(workdir) -> None:
+    """A URI workdir cannot be checked for writability from here: it is created (a directory
+    marker where the store has them) and a probe object written, read back and deleted. Any
+    failure (no bucket, no credentials, no permission, `workdir` an object) is one WorkdirError."""
+    probe = workdir / f".qwen-jax-write-test-{os.getpid()}"
+    try:
+        if workdir.exists() and not workdir.is_dir():
+            raise WorkdirError(f"workdir {workdir} is not a directory (an object of that name)")
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"qwen-jax")
+        ok = probe.read_bytes() == b"qwen-jax"
+        probe.unlink()
+    except WorkdirError:
+        raise
+    except Exception as e:  # noqa: BLE001 - gfile raises tf.errors (not OSError) as well
+        lines = str(e).strip().splitlines()
+        reason = lines[0][:300] if lines else type(e).__name__
+        raise WorkdirError(f"workdir {workdir} is not writable: {reason}") from e
+    if not ok:
+        raise WorkdirError(f"workdir {workdir} is not writable: a probe object read back wrong")
+
+
 def train(config: TrainConfig, workdir: str | Path, *, force: bool = False) -> RunResult:
-    """Initialise or resume in `workdir`, train to config.run.steps, checkpoint, return history."""
-    workdir = Path(workdir)
+    """Initialise or resume in `workdir` (a local path or a URI such as gs://bucket/run),
+    train to config.run.steps, checkpoint, return history."""
+    workdir = workdir_path(workdir)
     check_workdir(workdir)
     try:
         return _train(config, workdir, force)
@@ -195,6 +228,7 @@ def _train(config: TrainConfig, workdir: Path, force: bool) -> RunResult:
     def save(at: int) -> None:
         if ckpt.latest_step() != at:  # the cadence may already have saved this step
             ckpt.save(at, state, data.get_state(), resolved, force=True)
+        writer.sync()  # a remote workdir's metrics and events go up with each checkpoint
 
     try:
         with _Preemption() as preemption, jax.set_mesh(mesh):

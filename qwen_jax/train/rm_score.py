@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen-jax rm", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("score", help="score pairs (accuracy) or single responses")
-    s.add_argument("--checkpoint", type=Path, required=True, help="reward export or run workdir")
+    s.add_argument("--checkpoint", required=True, help="reward export or run workdir")
     s.add_argument("--data", type=Path, required=True, help="jsonl of pairs or responses")
     s.add_argument("--tokenizer", default=None, help="default: the checkpoint's own")
     s.add_argument("--batch", type=int, default=8, help="sequences per forward pass")
@@ -151,12 +151,14 @@ def score_sequences(model, seqs: list[list[int]], pad_id: int, batch: int) -> np
     return out
 
 
-def load_reward(checkpoint: Path, tokenizer: str | None):
+def load_reward(checkpoint: str | Path, tokenizer: str | None):
     """(reward model, tokenizer) from a reward export, a params export or a run workdir."""
     from qwen_jax.checkpoint import CheckpointError, load_model
     from qwen_jax.checkpoint.seqcls import is_reward_dir, load_reward_model
     from qwen_jax.infer.load import check_vocab, find_tokenizer, is_training_workdir
+    from qwen_jax.train.checkpointing import workdir_path
 
+    checkpoint = workdir_path(checkpoint)  # a local path, or a gs:// run workdir
     if not checkpoint.is_dir():
         raise CheckpointError(f"checkpoint {checkpoint} is not a directory")
     tok = find_tokenizer(checkpoint, tokenizer)
