@@ -42,6 +42,10 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Two pytest workers (the machines have 2 cores; a test is mostly single-threaded Python and
+# XLA compiles), one file per worker at a time so module fixtures (servers, trained bases) are
+# built once. PYTEST_ARGS= runs serially.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 test: lint
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 

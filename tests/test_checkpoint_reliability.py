@@ -31,6 +31,10 @@ from qwen_jax.train.checkpointing import TrainCheckpointer, WorkdirError
 from qwen_jax.train.config import TrainConfig, load_experiment
 from qwen_jax.train.metrics import MetricsWriter
 
+# A guard against a hang, not a speed check: sized for a loaded 2-core machine (the suite runs
+# two workers, and these tests start training subprocesses).
+HANG_S = 900
+
 # ------------------------------------------------------------------ a tiny checkpointer
 
 
@@ -361,7 +365,7 @@ def loss_rows(workdir: Path) -> list[dict]:
     return rows
 
 
-def run_until(proc, done, timeout: float = 240) -> None:
+def run_until(proc, done, timeout: float = HANG_S) -> None:
     end = time.time() + timeout
     while not done():
         if proc.poll() is not None:
@@ -406,13 +410,13 @@ def test_sigkill_several_times_with_a_damaged_checkpoint_ends_like_an_uninterrup
         if kill == 0:
             damaged = max(listed(ckdir))
             damage(ckdir / str(damaged))
-            _, err = ref.communicate(timeout=300)  # its cache entries written before any read
+            _, err = ref.communicate(timeout=HANG_S)  # its cache entries written before any read
             assert ref.returncode == 0, err
     assert max(listed(ckdir)) < STEPS, "the run finished before its last kill"
     reference = {r["step"]: r for r in loss_rows(tmp_path / "reference")}
     assert sorted(reference) == list(range(1, STEPS + 1))
     final = cli_train(demo_assets, workdir, env)
-    out, err = final.communicate(timeout=300)
+    out, err = final.communicate(timeout=HANG_S)
     outputs.append(err)
     assert final.returncode == 0, err
     assert f"done at step {STEPS}" in out

@@ -24,6 +24,10 @@ import pytest
 from qwen_jax import cli
 from qwen_jax.testing.experiments import REPO
 
+# A guard against a hang, not a speed check: sized for a loaded 2-core machine (the suite runs
+# two workers, and these tests start training subprocesses).
+HANG_S = 900
+
 TINY = "--config=experiments/pretrain/tiny.py:runlocal"
 _BAR = re.compile(r"^\s*\d+%\|.*\| \d+/\d+ \[")  # a tqdm progress line (the loop's)
 MAKEFILE_ENV = (
@@ -430,7 +434,7 @@ def _user_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in drop}
 
 
-def _cli(args, env=None, timeout=300):
+def _cli(args, env=None, timeout=HANG_S):
     return subprocess.run(
         [sys.executable, "-m", "qwen_jax.cli", *args],
         cwd=REPO,

@@ -20,6 +20,10 @@ from qwen_jax.train.checkpointing import ConfigMismatchError
 from qwen_jax.train.config import TrainConfig, load_experiment
 from qwen_jax.train.loop import train
 
+# A guard against a hang, not a speed check: sized for a loaded 2-core machine (the suite runs
+# two workers, and these tests start training subprocesses).
+HANG_S = 900
+
 
 def tiny_config(assets, **run) -> TrainConfig:
     data_dir, spm = assets
@@ -72,7 +76,7 @@ def by_step(rows) -> dict[int, dict]:
     return out
 
 
-def wait_for_step(proc, workdir: Path, step: int, timeout: float = 240) -> None:
+def wait_for_step(proc, workdir: Path, step: int, timeout: float = HANG_S) -> None:
     end = time.time() + timeout
     while time.time() < end:
         if proc.poll() is not None:
@@ -84,7 +88,7 @@ def wait_for_step(proc, workdir: Path, step: int, timeout: float = 240) -> None:
     raise AssertionError(f"no step {step} within {timeout} s")
 
 
-def wait_for_committed_checkpoint(proc, workdir: Path, timeout: float = 120) -> None:
+def wait_for_committed_checkpoint(proc, workdir: Path, timeout: float = HANG_S) -> None:
     end = time.time() + timeout
     while time.time() < end:
         if any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*")):
@@ -138,7 +142,7 @@ def test_sigterm_saves_and_exits_cleanly(demo_assets, tmp_path):  # noqa: F811
     proc = spawn(cli_args(demo_assets, tmp_path, steps=500, log_every=1, checkpoint_every=0))
     wait_for_step(proc, tmp_path, 3)
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 0, out
     assert "preempted, checkpoint saved at step" in out
     saved = int(out.rsplit("at step", 1)[1].split()[0])
@@ -198,7 +202,7 @@ def test_two_processes_train_like_one(demo_assets, tmp_path):  # noqa: F811
         )
         for i in range(2)
     ]
-    outs = [p.communicate(timeout=400)[0] for p in procs]
+    outs = [p.communicate(timeout=HANG_S)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     two = by_step(metric_rows(tmp_path / "two"))
     ref = {r["step"]: r for r in one.history if "loss" in r}
