@@ -380,3 +380,25 @@ def test_code_interpreter_tool_is_qwens():
         '"schema": {"type": "string"}}] '
         "Enclose the code within triple backticks (`) at the beginning and end of the code."
     )
+
+
+@needs_root
+def test_children_that_exit_between_cells_do_not_hold_the_process_limit():
+    """Children that outlive their cell and exit before the next one are zombies until reaped:
+    as such they count against RLIMIT_NPROC, so the next cell's fork must find them reaped."""
+    limits = Limits(wall_s=10.0, cpu_s=5, memory_bytes=512 << 20, nproc=8)
+    with CodeInterpreter(limits) as ci:
+        spawn = (
+            "import os, time\n"
+            "for _ in range(7):\n    if os.fork() == 0:\n        time.sleep(0.5)\n        break"
+        )
+        assert ci.run(spawn).status == "ok"
+        uid = _kernel_uid(ci)
+        deadline = time.monotonic() + 10.0  # the children sleep, then exit at the cell's end
+        while len(_sandbox_processes({uid})) > 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(_sandbox_processes({uid})) == 1
+        result = ci.run(
+            "import os\npid = os.fork()\nif pid:\n    os.waitpid(pid, 0)\n    print('forked')"
+        )
+        assert (result.status, result.output) == ("ok", "forked\n"), result

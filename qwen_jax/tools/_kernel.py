@@ -167,6 +167,9 @@ def main() -> None:
         if request is None:
             os._exit(0)
         cell = request["cell"]
+        # Children of the last cell (and orphans, as PID 1) may have exited since its reply:
+        # as zombies they would count against RLIMIT_NPROC and fail this cell's forks.
+        _reap_children()
         _arm_cpu_limit(cfg["cpu_s"])
         status, error = _run_cell(cell, request["code"], namespace)
         if os.getpid() != kernel_pid:
