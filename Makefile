@@ -45,7 +45,7 @@ format: install
 # Two pytest workers (the machines have 2 cores; a test is mostly single-threaded Python and
 # XLA compiles), one file per worker at a time so module fixtures (servers, trained bases) are
 # built once. PYTEST_ARGS= runs serially.
-PYTEST_ARGS ?= -n 2 --dist loadfile
+PYTEST_ARGS ?= -n 2 --dist loadfile --durations=40
 test: lint
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
