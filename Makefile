@@ -31,6 +31,8 @@ install: $(STAMP)
 	@$(BIN)/pip install -q --no-deps --no-build-isolation -e . > $(VENV)/develop.log 2>&1 \
 	  || (cat $(VENV)/develop.log; exit 1)
 
+# The short reproduction chain (`qwen-jax reproduce --out $(DEMO_DIR) --quick`): base, Code-Qwen,
+# Code-Qwen-Chat, Math-Qwen-Chat, held-out evals; under 10 minutes on 2 cores, resumable.
 demo: install
 	$(BIN)/qwen-jax demo --workdir $(DEMO_DIR)
 
@@ -56,7 +58,8 @@ bench: install
 # WORKSPACE.md); the test suite runs a fast 2-layer variant of the same.
 compile-full: install
 	for f in experiments/pretrain/qwen_*.py experiments/sft/qwen_*.py experiments/rm/qwen_*.py \
-	    experiments/dpo/qwen_*.py; do $(BIN)/qwen-jax compile --config=$$f || exit 1; done
+	    experiments/dpo/qwen_*.py experiments/code/code_qwen_*.py experiments/math/math_qwen_*.py; \
+	    do $(BIN)/qwen-jax compile --config=$$f || exit 1; done
 
 # On a GPU machine: kernels without interpret mode, timed against XLA/cuDNN.
 gpu-check: install

@@ -6,6 +6,8 @@ losses bit for bit."""
 
 from __future__ import annotations
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,7 @@ import pytest
 
 from qwen_jax.checkpoint import save_params
 from qwen_jax.sharding import make_mesh
+from qwen_jax.testing.compile_cache import persistent_compile_cache
 from qwen_jax.testing.experiments import REPO
 from qwen_jax.tokenizer import chatml, load_tokenizer
 from qwen_jax.train import init_from
@@ -26,6 +29,14 @@ SFT = "experiments/sft/qwen_7b_chat.py"
 LORA = "experiments/sft/qwen_7b_chat_lora.py"
 RM = "experiments/rm/qwen_7b_rm.py"
 DPO = "experiments/dpo/qwen_7b_chat_dpo.py"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    """One persistent compilation cache for this module's runs (qwen_jax/testing/
+    compile_cache.py): each train() builds the same step again; only the first compiles it."""
+    with persistent_compile_cache(tmp_path_factory.mktemp("xla_cache")) as env:
+        yield env
 
 
 def _set(c, key: str, value) -> None:
@@ -67,12 +78,17 @@ def base(demo_assets, tmp_path_factory):
     return root / "export"
 
 
-def _start_state(config: TrainConfig):
-    """(steps, the state a run starts from: init_from's weights at step 0, tokenizer)."""
+def _steps(config: TrainConfig):
+    """(the run's model config, its steps, its tokenizer): no state, nothing compiled."""
     tok = load_tokenizer(config.data.tokenizer)
     model_cfg = config.model_config(model_vocab_size(config, tok.vocab_size))
-    mesh = make_mesh(config.mesh)
-    steps = build_steps(config, model_cfg, mesh)
+    return model_cfg, build_steps(config, model_cfg, make_mesh(config.mesh)), tok
+
+
+def _start_state(config: TrainConfig):
+    """(steps, the state a run starts from: init_from's weights at step 0, tokenizer)."""
+    model_cfg, steps, tok = _steps(config)
+    mesh = steps.mesh
     source = init_from.find_source(config.init_from)
     params = init_from.load_source_params(source, model_cfg, steps)
     with jax.set_mesh(mesh):
@@ -164,7 +180,7 @@ def _opt_bytes(state) -> int:
 def test_lora_trains_only_the_adapters(demo_assets, base, tmp_path):
     full = stage_config(SFT, demo_assets, base)
     lora = stage_config(LORA, demo_assets, base)
-    full_steps, _, _ = _start_state(full)
+    _, full_steps, _ = _steps(full)  # its optimizer state's size only
     steps, state, tok = _start_state(lora)
     # Optimizer state for the adapters only: AdamW's two moments of each adapter weight.
     adapters = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state["params"]))
@@ -199,8 +215,8 @@ def test_int8_base_lora_run_trains(demo_assets, base, tmp_path):
         base,
         **{"model.lora_int8_base": True, "run.steps": 30, "run.eval_every": 0},
     )
-    steps, state, _ = _start_state(config)
-    dtypes = {x.dtype for x in jax.tree.leaves(state["frozen"])}
+    _, steps, _ = _steps(config)
+    dtypes = {x.dtype for x in jax.tree.leaves(steps.abstract_state["frozen"])}
     assert np.dtype(np.int8) in dtypes, dtypes
     result = train(config, tmp_path / "qlora")
     losses = [r["loss"] for r in result.history if "loss" in r]
@@ -210,15 +226,23 @@ def test_int8_base_lora_run_trains(demo_assets, base, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", [SFT, LORA, RM, DPO], ids=lambda p: p.split("/")[-1][:-3])
 def test_a_stopped_stage_resumes_bit_identically(demo_assets, base, tmp_path, path):
-    """6 steps straight vs 3 steps, a new process-like start in the same workdir, 3 more: the
+    """6 steps straight (checkpoints at 3 and 6) vs a run stopped after step 3: a new
+    process-like start in a workdir holding only that run's step-3 checkpoint runs 3 more. The
     restore covers the frozen base (LoRA), the reference copy (DPO), the reward head and the
     pair data's position."""
     changes = {"run.steps": 6, "run.checkpoint_every": 3, "run.eval_every": 0}
-    straight = train(stage_config(path, demo_assets, base, **changes), tmp_path / "a")
-    first = train(
-        stage_config(path, demo_assets, base, **{**changes, "run.steps": 3}), tmp_path / "b"
+    config = stage_config(path, demo_assets, base, **{**changes, "run.keep_checkpoints": 2})
+    straight = train(config, tmp_path / "a")
+    saved = (tmp_path / "a" / "checkpoints").iterdir()
+    assert sorted(int(p.name) for p in saved if p.name.isdigit()) == [3, 6]
+    # The stopped run's workdir is the straight one as it stood after step 3 (a 3-step run
+    # would write the same step-3 checkpoint, one compilation later).
+    shutil.copytree(
+        tmp_path / "a",
+        tmp_path / "b",
+        ignore=lambda d, names: ["6"] if d.endswith("checkpoints") else [],
     )
-    second = train(stage_config(path, demo_assets, base, **changes), tmp_path / "b")
-    want = [(r["step"], r["loss"]) for r in straight.history if "loss" in r]
-    got = [(r["step"], r["loss"]) for r in first.history + second.history if "loss" in r]
-    assert got == want
+    second = train(config, tmp_path / "b")
+    want = [(r["step"], r["loss"]) for r in straight.history if "loss" in r and r["step"] > 3]
+    got = [(r["step"], r["loss"]) for r in second.history if "loss" in r]
+    assert got == want and [s for s, _ in got] == [4, 5, 6]

@@ -5,6 +5,7 @@ a resume never reads init_from. The source run trains on user .jsonl files (data
 from __future__ import annotations
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -13,6 +14,7 @@ from flax import nnx
 
 from qwen_jax.checkpoint import save_hf, save_params
 from qwen_jax.sharding import make_mesh
+from qwen_jax.testing.compile_cache import persistent_compile_cache
 from qwen_jax.testing.experiments import REPO
 from qwen_jax.tokenizer import load_tokenizer
 from qwen_jax.train.checkpointing import TrainCheckpointer
@@ -21,6 +23,14 @@ from qwen_jax.train.export import restore_model
 from qwen_jax.train.init_from import InitFromError
 from qwen_jax.train.loop import model_vocab_size, train
 from qwen_jax.train.step import build_steps
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    """One persistent compilation cache for this module's runs (qwen_jax/testing/
+    compile_cache.py): each train() builds the same step again; only the first compiles it."""
+    with persistent_compile_cache(tmp_path_factory.mktemp("xla_cache")) as env:
+        yield env
 
 
 def _config(assets, data: str, **changes) -> TrainConfig:
@@ -133,10 +143,15 @@ def test_an_unknown_source_is_named(demo_assets, source, tmp_path):
 
 
 def test_a_resume_wins_over_init_from(demo_assets, source, tmp_path):
-    _, _, data = source
-    first = train(_config(demo_assets, data, **{"run.steps": 1}), tmp_path / "run")
-    assert first.last_step == 1
+    root, _, data = source
+    # A copy of the source run (2 steps, checkpointed at its end, started without init_from).
+    shutil.copytree(root / "run", tmp_path / "run")
     # The source does not exist: a resume must not even look at it.
-    again = _config(demo_assets, data, init_from=str(tmp_path / "nowhere"), **{"run.steps": 2})
+    again = _config(
+        demo_assets,
+        data,
+        init_from=str(tmp_path / "nowhere"),
+        **{"data.eval_mixture": str(root / "heldout.jsonl"), "run.steps": 3},
+    )
     result = train(again, tmp_path / "run")
-    assert result.last_step == 2 and [r["step"] for r in result.history] == [2]
+    assert result.last_step == 3 and [r["step"] for r in result.history] == [3]

@@ -91,8 +91,14 @@ def _run(microbatches: int):
     return steps, out, sums
 
 
-def test_a_new_objective_trains_with_exact_accumulation():
-    steps, whole, sums = _run(1)
+@pytest.fixture(scope="module")
+def whole_batch():
+    """_run(1): the steps, metrics and eval sums without accumulation (two tests read it)."""
+    return _run(1)
+
+
+def test_a_new_objective_trains_with_exact_accumulation(whole_batch):
+    steps, whole, sums = whole_batch
     _, split, _ = _run(4)
     # Per-feature shardings: rows over the data axes, positions replicated.
     assert steps.batch_shardings["tokens"].spec[1:] in ((), (None,))
@@ -106,8 +112,8 @@ def test_a_new_objective_trains_with_exact_accumulation():
     assert set(sums) == {"nll", "sequences"} and sums["sequences"] == B
 
 
-def test_steps_is_one_frozen_value():
-    steps, _, _ = _run(1)
+def test_steps_is_one_frozen_value(whole_batch):
+    steps, _, _ = whole_batch
     with pytest.raises(dataclasses.FrozenInstanceError):
         steps.train = None
     abstract = jax.tree.leaves(steps.sharded_abstract_state())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from qwen_jax.testing.compile_cache import persistent_compile_cache
 from qwen_jax.testing.experiments import EXPERIMENTS, REPO
 from qwen_jax.train.checkpointing import ConfigMismatchError
 from qwen_jax.train.config import TrainConfig, load_experiment
@@ -103,19 +105,36 @@ def wait_for_committed_checkpoint(proc, workdir: Path, timeout: float = HANG_S) 
 STEPS = 12
 
 
+def uninterrupted_config(assets) -> TrainConfig:
+    return tiny_config(assets, steps=STEPS, log_every=1, checkpoint_every=3)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(demo_assets, tmp_path_factory):  # noqa: F811
+    """(loss rows by step, workdir) of a 12-step run; its workdir (checkpoints 9 and 12, the
+    tiny experiment keeping 2) is also the finished run the damage and mismatch tests copy."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    train(tiny_config(demo_assets, steps=STEPS, log_every=1, checkpoint_every=3), workdir)
+    train(uninterrupted_config(demo_assets), workdir)
     rows = by_step(metric_rows(workdir))
     assert sorted(rows) == list(range(1, STEPS + 1))
-    return rows
+    return rows, workdir
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    """One persistent compilation cache for this module's runs, in process and in the kill and
+    preemption subprocesses (its value is their environment; qwen_jax/testing/compile_cache.py):
+    each run builds the same step again, and only the first compiles it."""
+    with persistent_compile_cache(tmp_path_factory.mktemp("xla_cache")) as env:
+        yield env
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_is_bit_identical(demo_assets, uninterrupted, tmp_path):  # noqa: F811
+def test_sigkill_then_resume_is_bit_identical(demo_assets, uninterrupted, compile_cache, tmp_path):
+    uninterrupted, _ = uninterrupted
     kill_at = random.Random(os.getpid()).randint(4, STEPS - 2)
-    proc = spawn(cli_args(demo_assets, tmp_path, steps=STEPS, log_every=1, checkpoint_every=3))
+    args = cli_args(demo_assets, tmp_path, steps=STEPS, log_every=1, checkpoint_every=3)
+    proc = spawn(args, env=compile_cache)
     wait_for_step(proc, tmp_path, kill_at)
     # Checkpoints are async: kill only once one is committed (Orbax renames "3.orbax-checkpoint-
     # tmp" to "3"), or the resume would rightly start from scratch and test nothing.
@@ -125,7 +144,7 @@ def test_sigkill_then_resume_is_bit_identical(demo_assets, uninterrupted, tmp_pa
     killed_rows = by_step(metric_rows(tmp_path))
     assert max(killed_rows) < STEPS, "the run finished before it was killed"
 
-    result = train(tiny_config(demo_assets, steps=STEPS, log_every=1, checkpoint_every=3), tmp_path)
+    result = train(uninterrupted_config(demo_assets), tmp_path)
     resumed_from = result.history[0]["step"] - 1
     assert 0 < resumed_from <= max(killed_rows)
     rows = by_step(metric_rows(tmp_path))
@@ -138,8 +157,9 @@ def test_sigkill_then_resume_is_bit_identical(demo_assets, uninterrupted, tmp_pa
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_exits_cleanly(demo_assets, tmp_path):  # noqa: F811
-    proc = spawn(cli_args(demo_assets, tmp_path, steps=500, log_every=1, checkpoint_every=0))
+def test_sigterm_saves_and_exits_cleanly(demo_assets, compile_cache, tmp_path):
+    args = cli_args(demo_assets, tmp_path, steps=500, log_every=1, checkpoint_every=0)
+    proc = spawn(args, env=compile_cache)
     wait_for_step(proc, tmp_path, 3)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=HANG_S)
@@ -150,30 +170,32 @@ def test_sigterm_saves_and_exits_cleanly(demo_assets, tmp_path):  # noqa: F811
     assert steps == [saved] and saved >= 3
 
 
-def test_damaged_latest_checkpoint_falls_back(demo_assets, tmp_path, caplog):  # noqa: F811
-    train(tiny_config(demo_assets, steps=8, log_every=1, checkpoint_every=4), tmp_path)
-    state_dir = tmp_path / "checkpoints" / "8" / "state"
+def test_damaged_latest_checkpoint_falls_back(demo_assets, uninterrupted, tmp_path, caplog):
+    shutil.copytree(uninterrupted[1], tmp_path, dirs_exist_ok=True)  # a finished run
+    saved = (tmp_path / "checkpoints").iterdir()
+    assert sorted(int(p.name) for p in saved if p.name.isdigit()) == [9, 12]
+    state_dir = tmp_path / "checkpoints" / "12" / "state"
     damaged = [p for p in state_dir.rglob("*") if p.is_file()]
     assert damaged
     for p in damaged:
         p.write_bytes(b"")  # truncated files, as after a failed disk
     with caplog.at_level("WARNING"):
-        result = train(tiny_config(demo_assets, steps=10, log_every=1), tmp_path)
-    assert result.history[0]["step"] == 5  # resumed from step 4
-    assert any("step 8 could not be restored" in r.message for r in caplog.records)
+        result = train(uninterrupted_config(demo_assets), tmp_path)
+    assert result.history[0]["step"] == 10  # resumed from step 9
+    assert any("step 12 could not be restored" in r.message for r in caplog.records)
 
 
-def test_config_mismatch_is_refused_unless_forced(demo_assets, tmp_path):  # noqa: F811
-    train(tiny_config(demo_assets, steps=2, log_every=1), tmp_path)
+def test_config_mismatch_is_refused_unless_forced(demo_assets, uninterrupted, tmp_path):
+    shutil.copytree(uninterrupted[1], tmp_path, dirs_exist_ok=True)  # a finished 12-step run
     data_dir, spm = demo_assets
     c = load_experiment(REPO / "experiments/pretrain/tiny.py", "runlocal")
     c.data.data_dir, c.data.tokenizer = str(data_dir), str(spm)
-    c.run.eval_every, c.run.steps = 0, 4  # a longer run is allowed...
+    c.run.eval_every, c.run.steps = 0, STEPS + 2  # a longer run is allowed...
     c.optim.peak_lr = 1e-4  # ...a different learning rate is not
     other = TrainConfig.from_config_dict(c)
     with pytest.raises(ConfigMismatchError, match=r"optim.peak_lr: saved 0.003"):
         train(other, tmp_path)
-    assert train(other, tmp_path, force=True).last_step == 4
+    assert train(other, tmp_path, force=True).last_step == STEPS + 2
 
 
 def _free_port() -> int:

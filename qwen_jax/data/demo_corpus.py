@@ -2,14 +2,18 @@
 
 `build_demo(out)` writes, deterministically for a given Python installation (same stdlib ->
 same bytes), the layout the `demo_*` Tasks read:
-  pretrain/code   Python standard-library source files (one document per file)
+  pretrain/code   Python standard-library source files (one document per file), and modules of
+                  small synthetic functions with docstrings (synthetic_code.py, "train" tasks)
   pretrain/text   English prose: stdlib docstrings and the language reference topics that ship
                   as `pydoc_data.topics`
-  pretrain/math   synthetic word problems with worked answers (synthetic_math.py)
-  sft/{chat,code,math}, preference, prompts   small synthetic sets (synthetic_chat.py)
-Each has `train-0000k-of-00004.jsonl` (or `train.jsonl`) and `validation.jsonl` (every 20th
-record). `manifest.json` lists every file with its record count, size and sha256.
-About 3.5 MB; a few seconds to build.
+  pretrain/math   synthetic word problems with worked answers (synthetic_math.py, both tiers)
+  sft/{chat,code,math}, preference, prompts   small synthetic sets (synthetic_chat.py; code SFT
+                  also asks for the synthetic functions, math SFT also has one-step problems)
+  eval/           the held-out benchmarks (qwen_jax.evals.synth): synth_math.jsonl,
+                  synth_code.jsonl, code_heldout.jsonl; no training file holds any of them
+Each training set has `train-0000k-of-00004.jsonl` (or `train.jsonl`) and `validation.jsonl`
+(every 20th record). `manifest.json` lists every file with its record count, size and sha256.
+About 5 MB; a few seconds to build.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import ast
 import hashlib
 import json
 import os
+import random
 import sys
 import sysconfig
 from pathlib import Path
@@ -25,9 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from qwen_jax.data import synthetic_chat as chat
-from qwen_jax.data.synthetic_math import problem, problem_pair
+from qwen_jax.data import synthetic_code
+from qwen_jax.data.synthetic_math import EASY_TEMPLATES, problem, problem_pair
 
-VERSION = "qwen-jax-demo-corpus/1"
+VERSION = "qwen-jax-demo-corpus/2"
 _SKIP_DIRS = {
     "test",
     "tests",
@@ -42,7 +48,7 @@ _SKIP_DIRS = {
     "encodings",
     "pydoc_data",
 }
-CODE_BUDGET, PROSE_BUDGET = 1_000_000, 800_000  # characters
+CODE_BUDGET, PROSE_BUDGET = 700_000, 800_000  # characters
 
 
 def stdlib_files() -> list[tuple[str, Path]]:
@@ -133,11 +139,25 @@ def reference_topics(budget: int) -> list[dict]:
     return out
 
 
+# Volumes of the learnable synthetic domains (together about 2 MB of the corpus: the whole corpus
+# stays under test_data_demo.py's 6 MB bound).
+CODE_MODULES, FUNCTIONS_PER_MODULE, CODE_CONVERSATIONS = 1000, 6, 2400
+EASY_MATH_DOCS, EASY_MATH_CONVERSATIONS = 2000, 2400
+
+
+def _interleave(a: list, b: list) -> list:
+    """a and b merged evenly (so every prefix, and the every-20th validation split, has both)."""
+    out, ia, ib, n = [], iter(a), iter(b), len(a) + len(b)
+    for i in range(n):
+        out.append(next(ib) if (i + 1) * len(b) // n > i * len(b) // n else next(ia))
+    return out
+
+
 def synthetic_sets(apis: list[tuple[str, str, str]], seed: int = 0) -> dict[str, list[dict]]:
     rng = np.random.default_rng(seed)
     math_docs = []
-    for _ in range(2000):
-        p = problem(rng)
+    for i in range(2000 + EASY_MATH_DOCS):
+        p = problem(rng, tier="easy" if i % 2 else "gsm")
         math_docs.append(
             {"text": f"Question: {p.question}\nAnswer: {p.solution}", "source": "synthetic_math"}
         )
@@ -145,7 +165,27 @@ def synthetic_sets(apis: list[tuple[str, str, str]], seed: int = 0) -> dict[str,
     for _ in range(1200):
         msgs, _ = chat.math_conversation(rng)
         sft_math.append({"messages": msgs})
+    easy = [problem(rng, tier="easy") for _ in range(EASY_MATH_CONVERSATIONS)]
+    sft_math = _interleave(
+        sft_math,
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": p.question},
+                    {"role": "assistant", "content": p.solution},
+                ]
+            }
+            for p in easy
+        ],
+    )
     sft_code = [{"messages": chat.code_conversation(rng)} for _ in range(600)]
+    code_rng = random.Random(seed)
+    train_tasks = synthetic_code.tasks("train")
+    synth_convs = [
+        {"messages": synthetic_code.conversation(train_tasks[i % len(train_tasks)], code_rng)}
+        for i in code_rng.sample(range(CODE_CONVERSATIONS), CODE_CONVERSATIONS)
+    ]
+    sft_code = _interleave(sft_code, synth_convs)
     sft_chat = []
     for i in range(1200):
         msgs = (
@@ -175,6 +215,12 @@ def synthetic_sets(apis: list[tuple[str, str, str]], seed: int = 0) -> dict[str,
             prompts.append({"prompt": f"What does `{q}` do in Python?"})
     return {
         "pretrain/math": math_docs,
+        "pretrain/code_synthetic": [
+            {"text": t, "source": "synthetic_code"}
+            for t in synthetic_code.modules(
+                train_tasks, CODE_MODULES, FUNCTIONS_PER_MODULE, code_rng
+            )
+        ],
         "sft/math": sft_math,
         "sft/code": sft_code,
         "sft/chat": sft_chat,
@@ -206,16 +252,67 @@ def _write(out: Path, prefix: str, records: list[dict], train_files: int) -> dic
     return meta
 
 
+def heldout_sets(seed: int = 0, easy_per_template: int = 30, gsm: int = 40) -> dict:
+    """The held-out benchmark files (qwen_jax.evals.synth reads them): every synthetic code
+    task of the "heldout" split, and word problems drawn from the "heldout" keys (distinct
+    questions; `easy_per_template` of each one-step template, then `gsm` multi-step ones)."""
+    rng = np.random.default_rng(seed + 1)
+    math, seen = [], set()
+
+    def add(tier: str, want: int, template=None) -> None:
+        got = 0
+        while got < want:
+            p = problem(rng, tier=tier, split="heldout")
+            if p.question in seen or (template and not p.key.startswith(template)):
+                continue
+            seen.add(p.question)
+            math.append(
+                {
+                    "id": f"{p.key}/{len(math)}",
+                    "tier": tier,
+                    "template": p.key.split(":")[0],
+                    "question": p.question,
+                    "solution": p.solution,
+                    "answer": str(p.answer),
+                }
+            )
+            got += 1
+
+    for t in EASY_TEMPLATES:
+        add("easy", easy_per_template, t.__name__.lstrip("_") + ":")
+    add("gsm", gsm)
+    heldout = synthetic_code.tasks("heldout")
+    return {
+        "eval/synth_math.jsonl": math,
+        "eval/synth_code.jsonl": [synthetic_code.eval_record(t) for t in heldout],
+        "eval/code_heldout.jsonl": [
+            {"text": t.solution, "source": f"synthetic_code:{t.family}:{t.name}"} for t in heldout
+        ],
+    }
+
+
+def _write_file(out: Path, rel: str, records: list[dict]) -> dict[str, dict]:
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+    (out / rel).parent.mkdir(parents=True, exist_ok=True)
+    (out / rel).write_bytes(data)
+    meta = {"records": len(records), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return {rel: meta}
+
+
 def build_demo(out: str | Path, seed: int = 0) -> dict:
     """Write the demo corpus under `out`; returns the manifest (also written to
     `out/manifest.json`)."""
     out = Path(out)
     code, prose, apis = stdlib_documents(stdlib_files())
     prose += reference_topics(budget=max(0, PROSE_BUDGET - sum(len(d["text"]) for d in prose)))
-    sets = {"pretrain/code": code, "pretrain/text": prose, **synthetic_sets(apis, seed)}
+    sets = {"pretrain/text": prose, **synthetic_sets(apis, seed)}
+    # One code task: the stdlib files and the synthetic modules, interleaved.
+    sets["pretrain/code"] = _interleave(code, sets.pop("pretrain/code_synthetic"))
     files = {}
     for prefix, records in sorted(sets.items()):
         files.update(_write(out, prefix, records, 4 if prefix.startswith("pretrain") else 1))
+    for rel, records in heldout_sets(seed).items():
+        files.update(_write_file(out, rel, records))
     manifest = {
         "version": VERSION,
         "python": sys.version.split()[0],

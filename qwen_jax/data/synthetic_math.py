@@ -5,11 +5,22 @@ question, the worked solution (one line per arithmetic step, every number comput
 the integer answer. `problem_pair` also returns the same question worked with one arithmetic
 slip, for rejected answers in preference pairs. Solutions end with "The answer is N." as in Qwen's
 GSM8K prompt format (spec §9), so answer extraction (last integer) works on them.
+
+Two tiers: `TEMPLATES` (two or three steps, GSM8K-like) and `EASY_TEMPLATES` (one step, small
+numbers: what the demo's tiny models can learn in a minute); `problem(rng, tier="easy")`.
+
+Held out: a problem's `key` is its template and the numbers of its question (names and items
+left out, so a held-out problem has no training twin that differs only in a name). About one
+key in `HELDOUT_EVERY` hashes to "heldout"; every generator here draws "train" problems unless
+asked for `split="heldout"`, so all training text built from it (the demo corpus's pretraining,
+SFT, preference and prompt splits) is disjoint from the synth_math benchmark.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import re
 
 import numpy as np
 
@@ -57,6 +68,7 @@ class Problem:
     question: str
     steps: tuple[str, ...]
     answer: int
+    key: str = ""  # template + the question's numbers: what the split hashes
 
     @property
     def solution(self) -> str:
@@ -255,6 +267,50 @@ def _minutes(rng, err=0):
     return q, steps, total + minutes
 
 
+def _more(rng, err=0):
+    name, things = _pick(rng, NAMES), _pick(rng, THINGS)
+    a, b = int(rng.integers(1, 13)), int(rng.integers(1, 13))
+    q = f"{name} has {a} {things}. {name} gets {b} more. How many {things} does {name} have now?"
+    return q, (f"{name} has {a} + {b} = {a + b + err} {things} now.",), a + b + err
+
+
+def _together(rng, err=0):
+    a, b, things = _pick(rng, NAMES[:11]), _pick(rng, NAMES[11:]), _pick(rng, THINGS)
+    x, y = int(rng.integers(1, 13)), int(rng.integers(1, 13))
+    q = f"{a} has {x} {things} and {b} has {y} {things}. How many {things} do they have together?"
+    return q, (f"Together they have {x} + {y} = {x + y + err} {things}.",), x + y + err
+
+
+def _fewer(rng, err=0):
+    name, things = _pick(rng, NAMES), _pick(rng, THINGS)
+    a = int(rng.integers(3, 21))
+    b = int(rng.integers(1, a))
+    q = f"{name} had {a} {things} and lost {b} of them. How many {things} does {name} have left?"
+    return q, (f"{name} has {a} - {b} = {a - b + err} {things} left.",), a - b + err
+
+
+def _rows(rng, err=0):
+    things = _pick(rng, ("chairs", "trees", "cars", "desks", "flowers"))
+    a, b = int(rng.integers(2, 10)), int(rng.integers(2, 10))
+    q = f"There are {a} rows with {b} {things} in each row. How many {things} are there?"
+    return q, (f"There are {a} x {b} = {a * b + err} {things}.",), a * b + err
+
+
+EASY_TEMPLATES = (_more, _together, _fewer, _rows)
+HELDOUT_EVERY = 8  # ~1 key in 8 is held out
+SPLITS = ("train", "heldout")
+
+
+def problem_key(template, question: str) -> str:
+    return f"{template.__name__.lstrip('_')}:{','.join(re.findall(r'[0-9]+', question))}"
+
+
+def split_of(key: str) -> str:
+    """ "heldout" or "train", from a hash of the problem's key (stable across versions)."""
+    h = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
+    return "heldout" if h % HELDOUT_EVERY == 0 else "train"
+
+
 TEMPLATES = (
     _shopping,
     _travel,
@@ -271,21 +327,42 @@ TEMPLATES = (
 )
 
 
-def problem(rng: np.random.Generator) -> Problem:
-    """A random problem; same generator state -> same problem."""
-    template = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
-    return Problem(*template(rng))
+def _check(tier: str, split: str):
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if tier not in ("gsm", "easy"):
+        raise ValueError(f"tier must be 'gsm' or 'easy', got {tier!r}")
+    return EASY_TEMPLATES if tier == "easy" else TEMPLATES
 
 
-def problem_pair(rng: np.random.Generator) -> tuple[Problem, Problem]:
+def problem(rng: np.random.Generator, *, tier: str = "gsm", split: str = "train") -> Problem:
+    """A random problem of `tier` ("gsm": multi-step; "easy": one step) whose key lies in
+    `split`; same generator state -> same problem (draws of the other split are skipped)."""
+    templates = _check(tier, split)
+    while True:
+        template = templates[int(rng.integers(len(templates)))]
+        q, steps, answer = template(rng)
+        key = problem_key(template, q)
+        if split_of(key) == split:
+            return Problem(q, steps, answer, key)
+
+
+def problem_pair(
+    rng: np.random.Generator, *, tier: str = "gsm", split: str = "train"
+) -> tuple[Problem, Problem]:
     """(correct, wrong): the same question, the wrong one with an arithmetic slip in its first
     step that changes the final answer (templates scale the slip past any division)."""
-    template = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
-    slip = int(rng.integers(1, 4))
-    before = rng.bit_generator.state
-    right = Problem(*template(rng))
-    after = rng.bit_generator.state
-    rng.bit_generator.state = before
-    wrong = Problem(*template(rng, err=slip))
-    rng.bit_generator.state = after
-    return right, wrong
+    templates = _check(tier, split)
+    while True:
+        template = templates[int(rng.integers(len(templates)))]
+        slip = int(rng.integers(1, 4))
+        before = rng.bit_generator.state
+        right = Problem(*template(rng))
+        after = rng.bit_generator.state
+        key = problem_key(template, right.question)
+        if split_of(key) != split:
+            continue
+        rng.bit_generator.state = before
+        wrong = Problem(*template(rng, err=slip), key=key)
+        rng.bit_generator.state = after
+        return dataclasses.replace(right, key=key), wrong

@@ -153,6 +153,8 @@ def summarize(task: Task, records: list[dict]) -> dict:
     summary["bad_input"] = len(records) - len(scored)
     if task.report is not None:
         summary["report"] = task.report(scored)
+        if "overall" in summary["report"]:  # a task whose figure is not an accuracy (code_ppl)
+            summary["overall"] = summary["report"]["overall"]
     return summary
 
 

@@ -391,13 +391,19 @@ class Engine:
             out.append(ids)
         return out
 
-    def prefill(self, prompts: Sequence[Sequence[int]], cache_len: int | None = None):
+    def prefill(
+        self,
+        prompts: Sequence[Sequence[int]],
+        cache_len: int | None = None,
+        pad_prompts_to: int = 0,
+    ):
         """Left-pad, bucket and prefill. Returns (last logits [Bp, V], KVCache (every row at
         length T, starts T - prompt length), padded tokens [Bp, T], mask [Bp, T], prompt lengths
-        [Bp], alpha [Bp] or None); Bp, T are bucket sizes."""
+        [Bp], alpha [Bp] or None); Bp, T are bucket sizes, T the bucket of the longest prompt
+        or of `pad_prompts_to` if that is longer (a fixed T: one compiled prefill for a run)."""
         prompts = self._check(prompts)
         lengths = [len(p) for p in prompts]
-        t = bucket_length(max(lengths))
+        t = bucket_length(max(*lengths, pad_prompts_to))
         bp = bucket_batch(len(prompts))
         tokens = np.zeros((bp, t), np.int32)
         mask = np.zeros((bp, t), np.int32)
@@ -475,6 +481,7 @@ class Engine:
         stop_strings: Sequence[str] = (),
         tokenizer=None,
         on_token: OnToken | None = None,
+        pad_prompts_to: int = 0,
     ) -> list[Generation]:
         """Continue each prompt (token ids) by up to `max_new_tokens` tokens.
 
@@ -482,7 +489,9 @@ class Engine:
         (needs `tokenizer`, used for `decode`), or when it runs out of budget: max_new_tokens,
         or fewer when the prompt is so long that max_context would be passed. `on_token`
         streams every generated token as it is produced (text deltas hold back anything that
-        could still turn out to start a stop string).
+        could still turn out to start a stop string). `pad_prompts_to` left-pads the prompts to
+        at least that length's bucket (RL rollouts: prompts of any length up to it, with the
+        same batch size, reuse one set of compiled programs; padding changes no result).
         """
         if max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -492,9 +501,9 @@ class Engine:
         n = len(prompts)
         budgets = [min(max_new_tokens, self.max_context - len(p)) for p in prompts]
         steps = max(budgets)
-        t = bucket_length(max(len(p) for p in prompts))
+        t = bucket_length(max(*(len(p) for p in prompts), pad_prompts_to))
         logits_bv, cache, tokens, mask, lengths_b, alpha_b = self.prefill(
-            prompts, cache_len=bucket_length(t + steps)
+            prompts, cache_len=bucket_length(t + steps), pad_prompts_to=pad_prompts_to
         )
         spec, knobs = sampling.spec(), sampling.knobs()
         key = jax.random.key(sampling.seed)

@@ -21,11 +21,14 @@ def token_logprobs(
     chunk: int = 256,
     matmul_impl: str = "xla",
     scale_v: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """(log p(target), logsumexp of the logits), both fp32 [B, T], without [B, T, V] logits.
+    with_entropy: bool = False,
+) -> tuple[jax.Array, ...]:
+    """(log p(target), logsumexp of the logits), both fp32 [B, T], without [B, T, V] logits;
+    with_entropy=True adds a third fp32 [B, T]: the entropy of the predicted distribution.
 
       logits_btv = h_btd @ w_dv (fp32 accumulation),  lse_bt = logsumexp_v(logits_btv),
-      logp_bt = logits_btv[target_bt] - lse_bt.
+      logp_bt = logits_btv[target_bt] - lse_bt,
+      entropy_bt = -sum_v p log p = lse_bt - sum_v softmax(logits)_btv * logits_btv.
 
     h_btd is the final hidden state (after the last norm) in the compute dtype; w_dv the head
     (`Qwen.head_weight()`, cast to h's dtype by the caller); targets_bt int ids < V. The sequence
@@ -36,7 +39,9 @@ def token_logprobs(
     of a weight-only int8 head (qwen_jax.model.quantize), None for float weights.
 
     Differentiable in h and w: the gradient of sum(g * logp) is g * (onehot - softmax) per
-    position, and lse carries the z-loss gradient.
+    position, and lse carries the z-loss gradient. The entropy is computed from the same block
+    of logits (no second pass over the head) and is differentiable too (an entropy bonus);
+    logp and lse do not depend on the option.
     """
     b, t, d = h_btd.shape
     chunk = min(chunk, t)
@@ -52,16 +57,19 @@ def token_logprobs(
         )
         lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
         picked_bc = jnp.take_along_axis(logits_bcv, tgt_bc[..., None], axis=-1)[..., 0]
-        return picked_bc - lse_bc, lse_bc
+        out = (picked_bc - lse_bc, lse_bc)
+        if with_entropy:
+            probs_bcv = jnp.exp(logits_bcv - lse_bc[..., None])
+            out += (lse_bc - jnp.sum(probs_bcv * logits_bcv, axis=-1),)
+        return out
 
     if n == 1:
-        logp_bt, lse_bt = one(h_btd, targets_bt)
+        outs = one(h_btd, targets_bt)
     else:
         # [n, B, C, ...]: map over sequence chunks; each block's logits are recomputed in the
         # backward instead of kept.
         hs = h_btd.reshape(b, n, chunk, d).swapaxes(0, 1)
         ts = targets_bt.reshape(b, n, chunk).swapaxes(0, 1)
-        logp_nbc, lse_nbc = jax.lax.map(lambda xs: jax.checkpoint(one)(*xs), (hs, ts))
-        logp_bt = logp_nbc.swapaxes(0, 1).reshape(b, n * chunk)
-        lse_bt = lse_nbc.swapaxes(0, 1).reshape(b, n * chunk)
-    return logp_bt[:, :t], lse_bt[:, :t]
+        outs_nbc = jax.lax.map(lambda xs: jax.checkpoint(one)(*xs), (hs, ts))
+        outs = tuple(x.swapaxes(0, 1).reshape(b, n * chunk) for x in outs_nbc)
+    return tuple(x[:, :t] for x in outs)

@@ -328,13 +328,25 @@ class Qwen(nnx.Module):
         return shard(out, "batch", "act_seq", "act_vocab")
 
     def token_logprobs(
-        self, h_btd: jax.Array, targets_bt: jax.Array, *, chunk: int = 256
-    ) -> tuple[jax.Array, jax.Array]:
+        self,
+        h_btd: jax.Array,
+        targets_bt: jax.Array,
+        *,
+        chunk: int = 256,
+        with_entropy: bool = False,
+    ) -> tuple[jax.Array, ...]:
         """(log p(target), logsumexp) fp32 [B, T] from final hidden states [B, T, D] through
-        this model's head, applied as `logits` applies it (qwen_jax.model.logprobs)."""
+        this model's head, applied as `logits` applies it (qwen_jax.model.logprobs);
+        with_entropy=True adds the entropy [B, T] of each predicted distribution."""
         w, scale = self._head_for(h_btd)
         return token_logprobs(
-            h_btd, w, targets_bt, chunk=chunk, matmul_impl=self.cfg.matmul_impl, scale_v=scale
+            h_btd,
+            w,
+            targets_bt,
+            chunk=chunk,
+            matmul_impl=self.cfg.matmul_impl,
+            scale_v=scale,
+            with_entropy=with_entropy,
         )
 
 

@@ -11,4 +11,5 @@ puts tests/ on sys.path and no test module imports another).
   hf_reference   transformers Qwen2 on random weights (torch/transformers: the `test` extra)
   demo_assets    the demo corpus + a small SentencePiece vocab (tests/conftest.py's fixture)
   experiments    the checkout's experiment files (load one with train.config.load_experiment)
+  compile_cache  a persistent XLA compilation cache for a module that builds one step many times
 """
