@@ -92,7 +92,8 @@ class Settings:
 # The recorded chain: twice the demo's pretraining, each variant 200 steps, every held-out item.
 FULL = Settings("full", base_steps=600, stage_steps=200)
 # `make demo`: the demo's base (tiny.py's 300 steps), each `:runlocal` form as written, the
-# first 48 held-out items of each benchmark; under 10 minutes on 2 cores.
+# first 48 held-out items of each benchmark. Measured 11 min 01 s on 2 quiet cores (2026-12-01):
+# over the 10-minute goal (the base alone takes 6 min).
 QUICK = Settings("quick", eval_limit=48)
 
 
