@@ -17,9 +17,13 @@ Softmax statistics and accumulation are fp32; the output has q's dtype.
 
 Two Pallas bodies, one per backend, behind the single wrapper `decode_attention`:
   * TPU (Mosaic): grid (B, K / kv_heads_per_block, S / block_s); the S axis is a sequential
-    reduction with the running max / sum / accumulator in VMEM scratch. The K/V block index is
-    clamped to the visible range, so blocks past a sequence's length (or before its window) are
-    never fetched from HBM: the pipeline sees an unchanged block index and skips the copy.
+    reduction with the running max / sum / accumulator in VMEM scratch. K/V blocks are
+    [block_s, heads, H] slices of the 4-D cache as it lies in HBM (tiled over its last two axes,
+    heads and H); each head is sliced out in VMEM. Merging heads into the lane axis instead
+    (k.reshape(B, S, K * H)) is a relayout on TPU: the compiler copied the whole cache every step.
+    The K/V block index is clamped to the visible range, so blocks past a sequence's length (or
+    before its window) are never fetched from HBM: the pipeline sees an unchanged block index
+    and skips the copy.
   * GPU (Triton): grid (B, K, num_splits). Each program loops over the visible blocks of its S
     split with masked loads (nothing outside [lo, hi) is read), and the splits are combined with
     their softmax statistics afterwards. Splitting S keeps all SMs busy at batch 1.
@@ -64,8 +68,10 @@ class DecodeBlockSizes:
 
     block_s: KV cache slots per step. TPU: a multiple of 128 (clamped to S when S is smaller).
         GPU: a power of two >= 16.
-    kv_heads_per_block: TPU only; KV heads handled per grid step. None picks the fewest heads
-        whose lanes (heads * H) are a multiple of 128 (1 when H == 128).
+    kv_heads_per_block: TPU only; KV heads handled per grid step: a divisor of K that is a
+        multiple of 8 or K itself (the heads axis is a sublane axis of the block). None picks
+        the smallest such divisor: 8 heads for K = 32 (16 bf16 heads at block_s 512 ran out of
+        v5e's scoped VMEM in the AOT compile: the per-head loop is unrolled), all K for GQA.
     num_splits: GPU only; the S axis is cut into this many independent splits (clamped to the
         number of blocks) that run in parallel and are merged with their softmax statistics.
     """
@@ -76,10 +82,12 @@ class DecodeBlockSizes:
 
 
 def default_decode_block_sizes(backend: str) -> DecodeBlockSizes:
-    """Defaults per backend: large TPU blocks amortise the ~0.35 us per grid step; GPU tiles
-    stay small (the query tile is only 16 rows) and splits fill the SMs at small batch."""
+    """Defaults per backend. TPU: large blocks amortise the ~0.35 us per grid step; 512 slots of
+    8 bf16 heads (padded to 16 sublanes) are 2 MiB per K/V buffer, so k and v double-buffered
+    fill half the VMEM budget. GPU: tiles stay small (the query tile is only 16 rows) and splits
+    fill the SMs at small batch."""
     if backend == "tpu":
-        return DecodeBlockSizes(block_s=1024)
+        return DecodeBlockSizes(block_s=512)
     if backend == "gpu":
         return DecodeBlockSizes(block_s=64, num_splits=16)
     raise ValueError(f"backend must be 'tpu' or 'gpu', got {backend!r}")
@@ -127,7 +135,7 @@ def decode_attention_reference(q_bnh, k_bskh, v_bskh, lengths_b, *, window=0, st
 def _tpu_kernel(
     lo_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc_sc, *, block_s, n_heads, head_dim
 ):
-    """One (b, head block, S block) step. q/o [heads, G, H], k/v [block_s, heads * H]."""
+    """One (b, head block, S block) step. q/o [heads, G, H], k/v [block_s, heads, H]."""
     b, s_blk = pl.program_id(0), pl.program_id(2)
     lo, hi = lo_ref[b], hi_ref[b]
     start = s_blk * block_s
@@ -146,8 +154,8 @@ def _tpu_kernel(
         valid_col = (slot_col >= lo) & (slot_col < hi)
         for j in range(n_heads):  # static: heads share the fetched K/V block
             q = q_ref[j]  # [G, H]
-            k = k_ref[:, j * head_dim : (j + 1) * head_dim]  # [block_s, H]
-            v = v_ref[:, j * head_dim : (j + 1) * head_dim]
+            k = k_ref[:, j, :]  # [block_s, H]: a strided sublane load in VMEM
+            v = v_ref[:, j, :]
             # Slots past the array end (last partial block) hold undefined data: zero them.
             v = jnp.where(valid_col, v, jnp.zeros_like(v))
             s = lax.dot_general(
@@ -174,25 +182,36 @@ def _tpu_kernel(
             o_ref[j] = jnp.where(l > 0, acc_sc[j] / safe_l, 0.0).astype(o_ref.dtype)
 
 
-def _tpu_heads_per_block(k_heads, head_dim, requested):
+def _sublanes(dtype) -> int:
+    """Rows of one VMEM tile of `dtype` (8 x 32-bit rows, packed: 16 bf16, 32 int8)."""
+    return 32 // jnp.dtype(dtype).itemsize
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _tpu_heads_per_block(k_heads, requested):
     if requested is not None:
-        if k_heads % requested or (requested * head_dim % 128 and requested != k_heads):
+        if k_heads % requested or (requested % 8 and requested != k_heads):
             raise ValueError(
                 f"DecodeBlockSizes.kv_heads_per_block={requested} must divide K={k_heads} and "
-                f"give a lane width (heads * H = {requested * head_dim}) that is a multiple of "
-                "128 or covers all K heads"
+                "be a multiple of 8 or K itself (heads are the K/V block's sublane axis)"
             )
         return requested
-    for d in range(1, k_heads + 1):
-        if k_heads % d == 0 and (d * head_dim) % 128 == 0:
+    for d in range(8, k_heads, 8):
+        if k_heads % d == 0:
             return d
     return k_heads
 
 
 def _tpu_vmem_bytes(block_s, heads, g, head_dim, kv_dtype, q_dtype):
-    kv = 2 * 2 * block_s * heads * head_dim * jnp.dtype(kv_dtype).itemsize  # k, v; 2 buffers
-    qo = 2 * 2 * heads * max(g, 8) * head_dim * jnp.dtype(q_dtype).itemsize
-    scratch = heads * max(g, 8) * (2 * _LANES + head_dim) * 4
+    """VMEM of one grid step, with each tile's sublane and lane padding."""
+    lanes = _round_up(head_dim, 128)
+    kv_tile = _round_up(heads, _sublanes(kv_dtype)) * lanes * jnp.dtype(kv_dtype).itemsize
+    kv = 2 * 2 * block_s * kv_tile  # k, v; 2 buffers; one [heads, H] tile row per slot
+    qo = 2 * 2 * heads * _round_up(g, _sublanes(q_dtype)) * lanes * jnp.dtype(q_dtype).itemsize
+    scratch = heads * _round_up(g, 8) * (2 * _LANES + lanes) * 4
     return kv + qo + scratch
 
 
@@ -203,7 +222,7 @@ def _decode_tpu(q_bnh, k_bskh, v_bskh, lo_b, hi_b, bs: DecodeBlockSizes, interpr
     if bs.block_s % 128:
         raise ValueError(f"DecodeBlockSizes.block_s={bs.block_s} must be a multiple of 128 on TPU")
     block_s = min(bs.block_s, s_len)
-    heads = _tpu_heads_per_block(k_heads, h, bs.kv_heads_per_block)
+    heads = _tpu_heads_per_block(k_heads, bs.kv_heads_per_block)
     need = _tpu_vmem_bytes(block_s, heads, g, h, k_bskh.dtype, q_bnh.dtype)
     if need > TPU_VMEM_BUDGET_BYTES:
         raise ValueError(
@@ -218,10 +237,10 @@ def _decode_tpu(q_bnh, k_bskh, v_bskh, lo_b, hi_b, bs: DecodeBlockSizes, interpr
         # range may start at lo == S (starts == S): keep that block index inside the array.
         first = jnp.minimum(lo_ref[bi] // block_s, n_s - 1)
         last = jnp.maximum(pl.cdiv(hi_ref[bi], block_s) - 1, first)
-        return bi, jnp.clip(si, first, last), hi_blk
+        return bi, jnp.clip(si, first, last), hi_blk, 0
 
     q_spec = pl.BlockSpec((None, heads, g, h), lambda bi, hb, si, lo, hi: (bi, hb, 0, 0))
-    kv_spec = pl.BlockSpec((None, block_s, heads * h), kv_index)
+    kv_spec = pl.BlockSpec((None, block_s, heads, h), kv_index)
     kernel = functools.partial(_tpu_kernel, block_s=block_s, n_heads=heads, head_dim=h)
     out = pl.pallas_call(
         kernel,
@@ -245,10 +264,9 @@ def _decode_tpu(q_bnh, k_bskh, v_bskh, lo_b, hi_b, bs: DecodeBlockSizes, interpr
     )(
         lo_b,
         hi_b,
-        q_bnh.reshape(b, k_heads, g, h),
-        # Free reshapes (contiguous): the lane axis carries heads * H.
-        k_bskh.reshape(b, s_len, k_heads * h),
-        v_bskh.reshape(b, s_len, k_heads * h),
+        q_bnh.reshape(b, k_heads, g, h),  # small; the cache is passed as it lies in HBM
+        k_bskh,
+        v_bskh,
     )
     return out.reshape(b, n, h)
 

@@ -16,8 +16,12 @@ One kernel body per backend computes every product, including the backward pass:
 Either operand may be stored transposed (`trans_a`: a is [K, M]; `trans_b`: b is [N, K]); the
 block index maps and the dot's contracting dims change, nothing is copied. So the custom VJP is
 the same kernel: dx = dy @ w^T (trans_b) and dw = x^T @ dy (trans_a).
-Shapes that are not multiples of the blocks are zero-padded in the wrapper (zeros along K add
-nothing; padded rows and columns are sliced off).
+Shapes that are not multiples of the blocks: the GPU wrapper zero-pads (zeros along K add
+nothing; padded rows and columns are sliced off). The TPU body never pads: a per-call pad copies
+the whole weight in HBM (the 151936-wide LM head is not a multiple of 512). Its last M / N block
+is partial instead (Mosaic drops out-of-bounds writes; rows and columns read past the end only
+reach those dropped outputs), K blocks divide K where a multiple of 128 does, and otherwise the
+tail of the last K block is zeroed in the kernel (in both operands: 0 * NaN is NaN).
 fp32 inputs are multiplied at full fp32 precision (HIGHEST; no TF32 / bf16 passes).
 """
 
@@ -86,7 +90,7 @@ def _dot(a, b, trans_a, trans_b):
 # ---------------------------------------------------------------------------------------------
 
 
-def _tpu_kernel(a_ref, b_ref, *rest, trans_a, trans_b, has_scale):
+def _tpu_kernel(a_ref, b_ref, *rest, trans_a, trans_b, has_scale, k_len, k_tail):
     scale_ref = rest[0] if has_scale else None
     o_ref, acc_ref = rest[-2], rest[-1]
     k_step = pl.program_id(2)
@@ -95,7 +99,14 @@ def _tpu_kernel(a_ref, b_ref, *rest, trans_a, trans_b, has_scale):
     def _init():
         acc_ref[...] = jnp.zeros_like(acc_ref)
 
-    acc_ref[...] += _dot(a_ref[...], b_ref[...], trans_a, trans_b)
+    a, b = a_ref[...], b_ref[...]
+    if k_tail:  # static: K is not a multiple of the K block; the last block runs past the end
+        left = k_len - k_step * (a.shape[0] if trans_a else a.shape[1])
+        a_k = lax.broadcasted_iota(jnp.int32, a.shape, 0 if trans_a else 1)
+        b_k = lax.broadcasted_iota(jnp.int32, b.shape, 1 if trans_b else 0)
+        a = jnp.where(a_k < left, a, jnp.zeros_like(a))
+        b = jnp.where(b_k < left, b, jnp.zeros_like(b))
+    acc_ref[...] += _dot(a, b, trans_a, trans_b)
 
     @pl.when(k_step == pl.num_programs(2) - 1)
     def _finish():
@@ -105,27 +116,34 @@ def _tpu_kernel(a_ref, b_ref, *rest, trans_a, trans_b, has_scale):
         o_ref[...] = out.astype(o_ref.dtype)
 
 
-def _tpu_blocks(m, n, k, bs: MatmulBlockSizes, trans_a):
+def _tpu_blocks(m, n, k, bs: MatmulBlockSizes):
+    """(bm, bn, bk): a dimension no longer than its block is one whole-dimension block (legal
+    at any size); a longer one gets the block and a partial last block. K prefers the largest
+    multiple of 128 up to block_k that divides K, so no K tail needs masking."""
     for name in ("block_m", "block_n", "block_k"):
         if getattr(bs, name) % 128:
             raise ValueError(
                 f"MatmulBlockSizes.{name}={getattr(bs, name)} must be a multiple of 128 on TPU"
             )
-    # M is a sublane axis unless a is stored transposed: 32 rows covers int8/bf16/f32 tiling.
-    bm = min(bs.block_m, _round_up(m, 128 if trans_a else 32))
-    return bm, min(bs.block_n, _round_up(n, 128)), min(bs.block_k, _round_up(k, 128))
+    bk = k if k <= bs.block_k else bs.block_k
+    if k % 128 == 0:
+        bk = max(d for d in range(128, bk + 1, 128) if k % d == 0)
+    return min(m, bs.block_m), min(n, bs.block_n), bk
 
 
 def _matmul_tpu(a, b, scale, *, trans_a, trans_b, out_dtype, bs, interpret):
     k, m = a.shape if trans_a else a.shape[::-1]
     n = b.shape[0] if trans_b else b.shape[1]
-    bm, bn, bk = _tpu_blocks(m, n, k, bs, trans_a)
+    bm, bn, bk = _tpu_blocks(m, n, k, bs)
     item = lambda x: jnp.dtype(x).itemsize  # noqa: E731
+    # VMEM tiles are padded: M is a sublane axis unless a is stored transposed (32 rows covers
+    # int8/bf16/f32 tiling); a whole-dimension block under 128 still takes 128 lanes.
+    pm, pn, pk = _round_up(bm, 128 if trans_a else 32), _round_up(bn, 128), _round_up(bk, 128)
     need = (
-        2 * (bm * bk * item(a.dtype) + bk * bn * item(b.dtype) + bn * 4)
-        + 2 * bm * bn * item(out_dtype)
-        + bm * bn * 4
-        + (bk * bn * item(a.dtype) if b.dtype != a.dtype else 0)  # dequantised weight tile
+        2 * (pm * pk * item(a.dtype) + pk * pn * item(b.dtype) + pn * 4)
+        + 2 * pm * pn * item(out_dtype)
+        + pm * pn * 4
+        + (pk * pn * item(a.dtype) if b.dtype != a.dtype else 0)  # dequantised weight tile
     )
     if need > TPU_VMEM_BUDGET_BYTES:
         raise ValueError(
@@ -133,9 +151,6 @@ def _matmul_tpu(a, b, scale, *, trans_a, trans_b, out_dtype, bs, interpret):
             f"{need / 2**20:.1f} MiB of VMEM, over the {TPU_VMEM_BUDGET_BYTES / 2**20:.0f} MiB "
             "budget; use smaller blocks"
         )
-    mp, np_, kp = _round_up(m, bm), _round_up(n, bn), _round_up(k, bk)
-    a = _pad2(a, (kp, mp) if trans_a else (mp, kp))
-    b = _pad2(b, (np_, kp) if trans_b else (kp, np_))
     if trans_a:
         a_spec = pl.BlockSpec((bk, bm), lambda i, j, kk: (kk, i))
     else:
@@ -146,15 +161,20 @@ def _matmul_tpu(a, b, scale, *, trans_a, trans_b, out_dtype, bs, interpret):
         b_spec = pl.BlockSpec((bk, bn), lambda i, j, kk: (kk, j))
     operands, in_specs = [a, b], [a_spec, b_spec]
     if scale is not None:
-        operands.append(_pad2(scale.reshape(1, n), (1, np_)))
+        operands.append(scale.reshape(1, n))
         in_specs.append(pl.BlockSpec((1, bn), lambda i, j, kk: (0, j)))
     kernel = functools.partial(
-        _tpu_kernel, trans_a=trans_a, trans_b=trans_b, has_scale=scale is not None
+        _tpu_kernel,
+        trans_a=trans_a,
+        trans_b=trans_b,
+        has_scale=scale is not None,
+        k_len=k,
+        k_tail=k % bk != 0,
     )
-    out = pl.pallas_call(
+    return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
-        grid=(mp // bm, np_ // bn, kp // bk),
+        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=(pl.cdiv(m, bm), pl.cdiv(n, bn), pl.cdiv(k, bk)),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j)),
         scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
@@ -164,7 +184,6 @@ def _matmul_tpu(a, b, scale, *, trans_a, trans_b, out_dtype, bs, interpret):
         interpret=TPU_INTERPRET if interpret is True else interpret,
         name="matmul_tpu",
     )(*operands)
-    return out[:m, :n]
 
 
 # ---------------------------------------------------------------------------------------------

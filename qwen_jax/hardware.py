@@ -18,7 +18,10 @@ Peaks are dense (no structured sparsity), as published:
   HIGHEST), so `peak_fp32_flops` is None and MFU measures instead of guessing.
 - GPU: NVIDIA H100 (SXM5) and H200 (SXM) datasheets: "BF16 Tensor Core 1,979 TFLOPS" is with
   sparsity, so 989.5e12 dense; "FP32 67 TFLOPS" (CUDA cores; TF32 tensor cores are a
-  different format); HBM 80 GB and 141 GB.
+  different format); HBM 80 GB and 141 GB; HBM bandwidth 3.35 TB/s and 4.8 TB/s.
+- HBM bandwidth per chip (`hbm_bytes_per_s`): the same pages ("HBM bandwidth"): v4 1200 GB/s,
+  v5e 819 GB/s, v5p 2765 GB/s, v6e 1640 GB/s. Roofline estimates of bandwidth-bound kernels
+  (decode, int8 matmul) divide bytes moved by it.
 - CPU: no published peak; callers measure one (`metrics.measured_cpu_matmul_peak`).
 """
 
@@ -55,6 +58,7 @@ class Chip:
     vmem_bytes: int | None = None
     topology: tuple[str, str] | None = None
     slice_counts_cores: bool = False
+    hbm_bytes_per_s: float | None = None
 
     @property
     def device_kind(self) -> str:
@@ -83,23 +87,29 @@ CHIPS: dict[str, Chip] = {
         Chip(
             "v4", "tpu", ("TPU v4",), 275 * _TB, None, 32 * GIB,
             cores_per_device=2, vmem_bytes=16 * MIB, topology=("v4", "megacore"),
-            slice_counts_cores=True,
+            slice_counts_cores=True, hbm_bytes_per_s=1200e9,
         ),
         Chip(
             "v5e", "tpu", ("TPU v5 lite", "TPU v5e"), 197 * _TB, None, 16 * GIB,
-            vmem_bytes=128 * MIB, topology=("v5e", "default"),
+            vmem_bytes=128 * MIB, topology=("v5e", "default"), hbm_bytes_per_s=819e9,
         ),
         Chip(
             "v5p", "tpu", ("TPU v5", "TPU v5p"), 459 * _TB, None, 95 * GIB,
             cores_per_device=2, vmem_bytes=64 * MIB, topology=("v5", "megacore"),
-            slice_counts_cores=True,
+            slice_counts_cores=True, hbm_bytes_per_s=2765e9,
         ),
         Chip(
             "v6e", "tpu", ("TPU v6 lite", "TPU v6e"), 918 * _TB, None, 32 * GIB,
-            vmem_bytes=128 * MIB, topology=("v6e", "default"),
+            vmem_bytes=128 * MIB, topology=("v6e", "default"), hbm_bytes_per_s=1640e9,
         ),
-        Chip("h100", "gpu", ("NVIDIA H100 80GB HBM3",), 989.5 * _TB, 67 * _TB, 80 * 10**9),
-        Chip("h200", "gpu", ("NVIDIA H200",), 989.5 * _TB, 67 * _TB, 141 * 10**9),
+        Chip(
+            "h100", "gpu", ("NVIDIA H100 80GB HBM3",), 989.5 * _TB, 67 * _TB, 80 * 10**9,
+            hbm_bytes_per_s=3.35e12,
+        ),
+        Chip(
+            "h200", "gpu", ("NVIDIA H200",), 989.5 * _TB, 67 * _TB, 141 * 10**9,
+            hbm_bytes_per_s=4.8e12,
+        ),
         Chip("cpu", "cpu", ("cpu",), None, None, None),
     )
 }  # fmt: skip

@@ -24,6 +24,7 @@ from jax.experimental import pallas as pl
 from qwen_jax.kernels import decode_attention as da
 from qwen_jax.testing.kernel_cases import (
     DECODE_CASES,
+    DecodeCase,
     check_decode,
     decode_inputs,
     numpy_decode,
@@ -35,6 +36,27 @@ from qwen_jax.testing.tolerance import KERNEL_TOL, assert_close
 @pytest.mark.parametrize("case", DECODE_CASES, ids=str)
 def test_decode_kernel_matches_numpy(case, backend):
     check_decode(case, backend=backend, interpret=True)
+
+
+def test_tpu_head_blocks_match_numpy():
+    """GQA with 16 KV heads in two blocks of 8: the head-block index and the per-head slices of
+    the [block_s, 8, H] K/V block (a sublane axis of the cache's tile) pick the right heads."""
+    case = DecodeCase(b=2, s=300, k=16, g=2, h=128, dtype="float32", window=0, seed=6)
+    blocks = da.DecodeBlockSizes(block_s=128, kv_heads_per_block=8)
+    check_decode(case, backend="tpu", interpret=True, block_sizes=blocks)
+
+
+def test_tpu_body_passes_the_cache_as_it_lies():
+    """The cache reaches the TPU kernel unreshaped: merging (K, H) into one lane axis is a
+    relayout on TPU, a copy of the whole K and V cache per decode step."""
+    sds = jax.ShapeDtypeStruct
+    fn = lambda q, k, v, n: da.decode_attention(q, k, v, n, backend="tpu")  # noqa: E731
+    cache = sds((2, 1024, 4, 128), jnp.bfloat16)
+    outer = jax.make_jaxpr(fn)(sds((2, 28, 128), jnp.bfloat16), cache, cache, sds((2,), jnp.int32))
+    (jitted,) = outer.eqns  # decode_attention is jitted: its body is one inner jaxpr
+    inner = jitted.params["jaxpr"].jaxpr
+    (call,) = [e for e in inner.eqns if e.primitive.name == "pallas_call"]
+    assert call.invars[-2:] == inner.invars[1:3]  # k and v, untouched
 
 
 @pytest.mark.parametrize("case", DECODE_CASES, ids=str)

@@ -9,46 +9,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
-from jax.sharding import Mesh, SingleDeviceSharding
 
 from qwen_jax.kernels import decode_attention as da
 from qwen_jax.kernels import matmul as mm
+from qwen_jax.testing.tpu_aot import DEVICE_KIND, compile_for_tpu
 
 pytestmark = pytest.mark.tpu_aot
-
-# topology_name, chip_config_name; v4 / v5p as megacore chips, like real slices.
-TOPOLOGIES = {
-    "v4": ("v4:2x2x1", "megacore"),
-    "v5e": ("v5e:2x2", "default"),
-    "v5p": ("v5p:2x2x1", "megacore"),
-    "v6e": ("v6e:2x2", "default"),
-}
-DEVICE_KIND = {"v4": "TPU v4", "v5e": "TPU v5 lite", "v5p": "TPU v5", "v6e": "TPU v6 lite"}
-
-
-def compile_for_tpu(chip, fn, *shapes):
-    """Compile fn for one chip of `chip`'s topology; returns (compiled, device)."""
-    from jax.experimental import topologies
-
-    name, config = TOPOLOGIES[chip]
-    topo = topologies.get_topology_desc(
-        topology_name=name,
-        platform="tpu",
-        chip_config_name=config,
-        chips_per_host_bounds=(2, 2, 1),
-        num_slices=1,
-        wrap=(False, False, False),
-    )
-    device = topo.devices[0]
-    args = [
-        jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=SingleDeviceSharding(device))
-        for s in shapes
-    ]
-    # The abstract mesh tells Pallas which TPU it lowers for (pltpu.get_tpu_info).
-    with jax.set_mesh(Mesh(np.array(topo.devices[:1]), ("x",))):
-        return jax.jit(fn).lower(*args).compile(), device
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -56,7 +23,7 @@ def _libtpu():
     pytest.importorskip("libtpu")
 
 
-@pytest.mark.parametrize("chip", sorted(TOPOLOGIES))
+@pytest.mark.parametrize("chip", sorted(DEVICE_KIND))
 def test_decode_attention_compiles(chip):
     sds = jax.ShapeDtypeStruct
     for b, s, k, g, h, dtype in [
@@ -76,7 +43,7 @@ def test_decode_attention_compiles(chip):
         assert "tpu_custom_call" in compiled.as_text()
 
 
-@pytest.mark.parametrize("chip", sorted(TOPOLOGIES))
+@pytest.mark.parametrize("chip", sorted(DEVICE_KIND))
 def test_matmul_compiles(chip):
     sds = jax.ShapeDtypeStruct
 

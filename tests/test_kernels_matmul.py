@@ -1,7 +1,8 @@
 """Tiled matmul and weight-only int8 matmul (qwen_jax.kernels.matmul) against float64 numpy.
 
 Forward and backward (the custom VJP runs the same kernel with transposed operands) in interpret
-mode for both Pallas bodies; shapes are not multiples of the blocks, so the padding path and
+mode for both Pallas bodies; shapes are not multiples of the blocks, so the GPU wrapper's padding,
+the TPU body's partial last blocks and masked K tail (it never pads: the jaxpr test below), and
 several blocks along every axis are exercised. Interpreter outputs start as NaN (see
 test_kernels_decode.py) and `assert_close` rejects non-finite values. The cases and checks live
 in qwen_jax.testing.kernel_cases; scripts/gpu_check.py runs them compiled for a real GPU.
@@ -14,9 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import export
+from jax.extend.core import jaxprs_in_params
 
 from qwen_jax.kernels import matmul as mm
-from qwen_jax.testing.kernel_cases import MATMUL_CASES, check_int8_matmul, check_matmul
+from qwen_jax.testing.kernel_cases import (
+    MATMUL_CASES,
+    MatmulCase,
+    check_int8_matmul,
+    check_matmul,
+)
 from qwen_jax.testing.tolerance import assert_close
 
 
@@ -30,6 +37,45 @@ def test_matmul_and_grads_match_numpy(case, backend):
 @pytest.mark.parametrize("case", MATMUL_CASES, ids=str)
 def test_int8_matmul_and_grads_match_numpy(case, backend):
     check_int8_matmul(case, backend=backend, interpret=True)
+
+
+# M spans 3 blocks (the last partial), K = 384 is a multiple of 128 but not of block_k = 256
+# (the TPU body picks the dividing K block 128), N = 200 ends in a partial block.
+TPU_EDGE_BLOCKS = mm.MatmulBlockSizes(128, 128, 256)
+TPU_EDGE_CASE = MatmulCase(lead=(300,), k=384, n=200, dtype="float32", seed=5)
+
+
+def test_tpu_partial_blocks_match_numpy():
+    check_matmul(TPU_EDGE_CASE, backend="tpu", interpret=True, block_sizes=TPU_EDGE_BLOCKS)
+    check_int8_matmul(TPU_EDGE_CASE, backend="tpu", interpret=True, block_sizes=TPU_EDGE_BLOCKS)
+
+
+def test_tpu_body_never_pads_or_slices():
+    """At the LM head's shape (151936 columns: no multiple of 512) the TPU forward and
+    backward are bare kernel calls: a pad of the weight would copy all of it in HBM per call."""
+    sds = jax.ShapeDtypeStruct
+
+    def step(x, w, wq, scale):
+        def loss(x, w, scale):
+            y = mm.matmul(x, w, backend="tpu") + mm.int8_matmul(x, wq, scale, backend="tpu")
+            return jnp.sum(y.astype(jnp.float32))
+
+        return jax.grad(loss, argnums=(0, 1, 2))(x, w, scale)
+
+    x, w = sds((100, 4096), jnp.bfloat16), sds((4096, 151_936), jnp.bfloat16)
+    wq, scale = sds((4096, 151_936), jnp.int8), sds((151_936,), jnp.float32)
+    jaxpr = jax.make_jaxpr(step)(x, w, wq, scale)
+
+    def prims(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                continue  # the kernel body itself
+            yield eqn.primitive.name
+            for sub in jaxprs_in_params(eqn.params):
+                yield from prims(sub)
+
+    names = set(prims(jaxpr.jaxpr))
+    assert not names & {"pad", "slice", "dynamic_slice"}, names
 
 
 def test_references_match_numpy():

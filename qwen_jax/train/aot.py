@@ -141,3 +141,137 @@ def compile_for_topology(config: TrainConfig, topology: str, *, fast: bool = Fal
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     report.flops_per_step = float(cost.get("flops", 0.0))
     return report
+
+
+@dataclasses.dataclass
+class RLCompileReport:
+    """`qwen-jax compile` of an RL experiment: every program of an iteration (rollout prefill
+    and decode, scoring forwards, policy and value updates) compiled for the slice, and the
+    four models' weights (+ optimizer states) resident on a device for the whole run.
+
+    A program fits when the resident bytes it does not take as arguments plus its own peak
+    fit in HBM: every program runs while all four models stay resident, so a program's peak
+    counts the weights it reads once (as its arguments) and the others beside them."""
+
+    topology: str
+    devices: int
+    mesh: dict[str, int]
+    hbm_per_device: int
+    resident: dict[str, int] = dataclasses.field(default_factory=dict)  # model -> bytes/device
+    programs: dict[str, CompileReport] = dataclasses.field(default_factory=dict)
+    compile_seconds: float = 0.0
+    error: str = ""
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(self.resident.values())
+
+    def program_peak(self, report: CompileReport) -> int:
+        # The program's own peak, plus the resident state it does not hold as arguments.
+        return report.peak_bytes + max(0, self.resident_bytes - report.argument_bytes)
+
+    @property
+    def fits(self) -> bool:
+        if self.error or self.resident_bytes > self.hbm_per_device:
+            return False
+        return all(
+            not r.error and self.program_peak(r) <= r.hbm_per_device for r in self.programs.values()
+        )
+
+    def summary(self) -> str:
+        head = f"{self.topology}: {self.devices} devices, mesh {self.mesh}"
+        if self.error:
+            return f"{head}\nDOES NOT FIT / FAILED: {self.error}"
+        lines = [head, "  resident per device (weights + optimizer states):"]
+        for name, b in self.resident.items():
+            lines.append(f"    {name:<10} {b / GIB:8.2f} GiB")
+        lines.append(
+            f"    {'all':<10} {self.resident_bytes / GIB:8.2f} GiB of "
+            f"{self.hbm_per_device / GIB:.0f}"
+        )
+        lines.append("  programs (peak per device, with the resident state beside it):")
+        for name, r in self.programs.items():
+            if r.error:
+                lines.append(f"    {name}: FAILED: {r.error}")
+                continue
+            lines.append(
+                f"    {name:<24} {self.program_peak(r) / GIB:8.2f} GiB (args "
+                f"{r.argument_bytes / GIB:.2f}, temp {r.temp_bytes / GIB:.2f}, out "
+                f"{r.output_bytes / GIB:.2f}); compiled in {r.compile_seconds:.1f} s"
+            )
+        lines.append(f"  compiled in {self.compile_seconds:.1f} s; fits: {self.fits}")
+        return "\n".join(lines)
+
+
+def _per_device_bytes(tree) -> int:
+    """Bytes one device holds of an abstract tree (ShapeDtypeStructs with shardings)."""
+    import math
+
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.shape
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is not None and hasattr(sharding, "shard_shape"):
+            shape = sharding.shard_shape(shape)
+        total += math.prod(shape) * jax.numpy.dtype(leaf.dtype).itemsize
+    return total
+
+
+def compile_rl_for_topology(config: TrainConfig, topology: str, *, fast: bool = False):
+    """Lower and compile every program of one RL iteration (`RL.aot_programs`) for
+    `topology` from abstract state only; never allocates nor reads a weight."""
+    from qwen_jax.rl.algo import build_rl
+    from qwen_jax.tokenizer import load_tokenizer
+
+    gen, devices = topology_devices(topology)
+    mesh = make_mesh(config.mesh, devices=devices)
+    hbm = hardware.CHIPS[gen].hbm_bytes
+    if config.rl.algorithm == "ppo" and not config.rl.reward_model:
+        # Only the RM's architecture matters here: absent one (a full-size file names it on
+        # the command line), the policy's with a reward head, as the report's same-size RM.
+        rl_cfg = dataclasses.replace(config.rl, reward_model="(policy-shaped reward model)")
+        config = dataclasses.replace(config, rl=rl_cfg)
+    report = RLCompileReport(topology, len(devices), dict(mesh.shape), hbm)
+    previous = jax.config.jax_optimization_level
+    if fast:
+        jax.config.update("jax_optimization_level", "O0")
+    start = time.perf_counter()
+    try:
+        # Outside set_mesh, as the trainer's build_steps: abstract models carry logical axes.
+        # load=False: abstract weights only (the sources need not exist on this host).
+        rl = build_rl(config, load_tokenizer(config.data.tokenizer), mesh, load=False)
+        models = {
+            "policy": rl.policy_abstract,  # params + AdamW state (fp32)
+            "value": rl.value_abstract,
+            "reference": rl.reference.abstract,
+            "reward": rl.reward.abstract if rl.reward is not None else None,
+        }
+        report.resident = {k: _per_device_bytes(v) for k, v in models.items() if v is not None}
+        programs = rl.aot_programs()  # lowered under the mesh (RL.aot_programs)
+        with jax.set_mesh(mesh):
+            for name, lowered in programs.items():
+                report.programs[name] = _compile_program(lowered, topology, devices, mesh, hbm)
+    except Exception as e:  # noqa: BLE001 - a failure to build or lower is the result
+        report.error = str(e).splitlines()[0][:500] if str(e) else type(e).__name__
+    finally:
+        jax.config.update("jax_optimization_level", previous)
+    report.compile_seconds = time.perf_counter() - start
+    return report
+
+
+def _compile_program(lowered, topology, devices, mesh, hbm) -> CompileReport:
+    r = CompileReport(topology, len(devices), dict(mesh.shape), hbm)
+    start = time.perf_counter()
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 - the compiler's OOM is a result, not a crash
+        r.error = str(e).splitlines()[0][:500]
+        return r
+    r.compile_seconds = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    r.argument_bytes, r.output_bytes = mem.argument_size_in_bytes, mem.output_size_in_bytes
+    r.alias_bytes, r.temp_bytes = mem.alias_size_in_bytes, mem.temp_size_in_bytes
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    r.flops_per_step = float(cost.get("flops", 0.0))
+    return r

@@ -4,6 +4,9 @@ qwen-jax train --config=experiments/pretrain/tiny.py[:arg] --workdir=DIR [--conf
                [--force] [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]
 qwen-jax compile --config=experiments/pretrain/qwen_7b.py [--topology=v5p-128] [--fast]
 
+An experiment with rl.algorithm set (experiments/ppo, experiments/grpo) trains with the RL loop
+(qwen_jax/rl/loop.py) and compiles every program of an RL iteration (train/aot.py).
+
 Errors are raised (UsageError for flags and config values) and reported as one line by
 `qwen_jax.cli.main`.
 """
@@ -134,12 +137,17 @@ def train_main(argv: list[str]) -> int:
         raise UsageError("--workdir is required")
     config = _typed_config(fv)
     from qwen_jax.train.distributed import init_distributed
-    from qwen_jax.train.loop import train
+
+    if config.is_rl:  # PPO / GRPO: the RL loop (rollouts, four models)
+        from qwen_jax.rl.loop import train_rl as train
+    else:
+        from qwen_jax.train.loop import train
 
     init_distributed(fv.coordinator_address, fv.num_processes, fv.process_id)
     result = train(config, fv.workdir, force=fv.force)
     status = "preempted, checkpoint saved" if result.preempted else "done"
-    print(f"qwen-jax train: {status} at step {result.last_step}")
+    unit = "iteration" if config.is_rl else "step"
+    print(f"qwen-jax train: {status} at {unit} {result.last_step}")
     return 0
 
 
@@ -148,13 +156,14 @@ def compile_main(argv: list[str]) -> int:
     if fv is None:
         return 0
     config = _typed_config(fv)
-    from qwen_jax.train.aot import compile_for_topology
+    from qwen_jax.train.aot import compile_for_topology, compile_rl_for_topology
 
     topology = fv.topology or config.tpu.topology
     if not topology:
         raise UsageError("no topology: pass --topology=v5p-128 (or set config.tpu.topology)")
     try:
-        report = compile_for_topology(config, topology, fast=fv.fast)
+        compile_fn = compile_rl_for_topology if config.is_rl else compile_for_topology
+        report = compile_fn(config, topology, fast=fv.fast)
     except ValueError as e:  # an unknown or unsupported topology name
         raise UsageError(str(e)) from None
     print(report.summary())

@@ -18,6 +18,7 @@ from typing import Any
 import ml_collections
 
 from qwen_jax.model.config import PRESETS, QwenConfig, tiny
+from qwen_jax.rl.config import RLConfig
 from qwen_jax.sharding import MeshConfig
 from qwen_jax.train.objectives import ObjectiveConfig, make_objective
 from qwen_jax.train.optim import OptimConfig
@@ -80,7 +81,18 @@ class TrainConfig:
     run: RunConfig = RunConfig()
     mesh: MeshConfig = MeshConfig()
     tpu: TpuConfig = TpuConfig()
+    # Reinforcement learning (qwen_jax/rl/config.py): rl.algorithm "ppo" / "grpo" makes
+    # `qwen-jax train` run qwen_jax/rl/loop.py instead of the supervised trainer. Checked with
+    # its sources (rl.config.check) by the RL loop's preflight: a full-size experiment names
+    # its reward model on the command line, as it does init_from.
+    rl: RLConfig = RLConfig()
     init_from: str = ""
+
+    @property
+    def is_rl(self) -> bool:
+        """Whether this is an RL run (rl.algorithm set): `qwen-jax train` / `compile` then go
+        to qwen_jax/rl/loop.py / train/aot.py's compile_rl_for_topology."""
+        return bool(self.rl.algorithm)
 
     def model_config(self, vocab_size: int | None = None) -> QwenConfig:
         """The architecture; `vocab_size` (from the tokenizer) applies unless overridden."""
@@ -177,6 +189,7 @@ _SECTIONS: dict[str, type] = {
     "run": RunConfig,
     "mesh": MeshConfig,
     "tpu": TpuConfig,
+    "rl": RLConfig,
 }
 
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen_jax.model.transformer import Qwen
+from qwen_jax.train.chunked_loss import fused_cross_entropy
 from qwen_jax.train.losses import chunked_cross_entropy
 
 Batch = dict[str, jax.Array]
@@ -47,6 +48,10 @@ class ObjectiveConfig:
     name: str = "lm"  # a key of OBJECTIVES
     z_loss: float = 0.0  # lm: PaLM's z-loss coefficient on logsumexp^2
     loss_chunk: int = 256  # all: sequence positions per block through the vocabulary head
+    # lm: the head + cross-entropy with each block's gradient taken in the forward pass
+    # (train/chunked_loss.py: 3 head matmuls per token instead of 4; XLA dots only). Off until
+    # the GPU run (scripts/gpu_perf.py) measures it against the default path.
+    fused_loss: bool = False
     beta: float = 0.1  # dpo: strength of the implicit KL penalty
     dpo_loss: str = "sigmoid"  # dpo: "sigmoid" (DPO) | "ipo"
     label_smoothing: float = 0.0  # dpo: conservative DPO's label noise (sigmoid only)
@@ -113,6 +118,7 @@ class LMObjective(Objective):
 
     z_loss: float = 0.0
     chunk: int = 256  # positions per vocabulary-head block (train/losses.py)
+    fused: bool = False  # train/chunked_loss.py (XLA dots: no pallas / int8 head)
 
     features: ClassVar[tuple[Feature, ...]] = LM_FEATURES
     weight_name: ClassVar[str] = "tokens"
@@ -127,15 +133,19 @@ class LMObjective(Objective):
             return_hidden=True,
             dropout_rng=ctx.rng,
         )
+        w_dv = model.head_weight().astype(h_btd.dtype)
+        tgt, wt = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+        if self.fused:
+            if model.cfg.matmul_impl != "xla":
+                raise ValueError("objective.fused_loss needs model.matmul_impl='xla'")
+            obj, ce, z, w = fused_cross_entropy(
+                h_btd, w_dv, tgt, wt, chunk=self.chunk, z_loss=self.z_loss
+            )
+            return obj, {"loss": ce, "z_loss": z, "tokens": w}
         ce, z, w = chunked_cross_entropy(
-            h_btd,
-            model.head_weight().astype(h_btd.dtype),
-            batch["decoder_target_tokens"],
-            batch["decoder_loss_weights"],
-            chunk=self.chunk,
-            z_loss=self.z_loss,
+            h_btd, w_dv, tgt, wt, chunk=self.chunk, z_loss=self.z_loss,
             matmul_impl=model.cfg.matmul_impl,
-        )
+        )  # fmt: skip
         return ce + z, {"loss": ce, "z_loss": z, "tokens": w}
 
 
@@ -159,7 +169,7 @@ def _dpo(c: ObjectiveConfig) -> Objective:
 
 # The preference objectives import lazily: their modules import this one.
 OBJECTIVES: dict[str, Callable[[ObjectiveConfig], Objective]] = {
-    "lm": lambda c: LMObjective(z_loss=c.z_loss, chunk=c.loss_chunk),
+    "lm": lambda c: LMObjective(z_loss=c.z_loss, chunk=c.loss_chunk, fused=c.fused_loss),
     "reward": _reward,
     "dpo": _dpo,
 }
