@@ -4,6 +4,7 @@ These must be set before jax is imported anywhere, hence module level here.
 """
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (
@@ -23,3 +24,20 @@ def demo_assets(tmp_path_factory):
     from qwen_jax.testing.demo_assets import build_demo_assets
 
     return build_demo_assets(tmp_path_factory.mktemp("demo_assets"))
+
+
+@pytest.fixture(scope="session")
+def xla_cache_dir(tmp_path_factory) -> Path:
+    """The run's one persistent XLA compilation cache folder, for
+    qwen_jax.testing.compile_cache.persistent_compile_cache: a program that several modules
+    build (the tiny experiment's train step: test_trainer, test_checkpoint_reliability,
+    test_gcs_workdir) compiles once per run, not once per module. Under xdist the workers'
+    base temps are siblings, so their parent holds one folder for both workers.
+
+    Not set process-wide (JAX_COMPILATION_CACHE_DIR for every test) on purpose: JAX decides once
+    per process whether to use the cache, for every backend after, so the TPU AOT tests would
+    write their executables too, and every small test program would be written."""
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "xla_cache"
+    path.mkdir(exist_ok=True)
+    return path

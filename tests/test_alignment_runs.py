@@ -32,10 +32,11 @@ DPO = "experiments/dpo/qwen_7b_chat_dpo.py"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """One persistent compilation cache for this module's runs (qwen_jax/testing/
-    compile_cache.py): each train() builds the same step again; only the first compiles it."""
-    with persistent_compile_cache(tmp_path_factory.mktemp("xla_cache")) as env:
+def compile_cache(xla_cache_dir):
+    """The run's persistent compilation cache (conftest.py; qwen_jax/testing/compile_cache.py)
+    for this module's runs: each train() builds the same step again; only the first compiles
+    it."""
+    with persistent_compile_cache(xla_cache_dir) as env:
         yield env
 
 

@@ -389,12 +389,13 @@ def run_until(proc, done, timeout: float = HANG_S) -> None:
 
 @pytest.mark.slow
 def test_sigkill_several_times_with_a_damaged_checkpoint_ends_like_an_uninterrupted_run(
-    demo_assets, tmp_path
+    demo_assets, xla_cache_dir, tmp_path
 ):
     # The uninterrupted run, in this process (a subprocess would add only its start-up: ~20 s
-    # CPU importing TensorFlow, and torch through tensorboardX where installed). It fills one
-    # compilation cache that every trainer process then loads its step from.
-    with persistent_compile_cache(tmp_path / "jax_cache") as env:
+    # CPU importing TensorFlow, and torch through tensorboardX where installed). It fills the
+    # run's compilation cache (or loads the step another module compiled) that every trainer
+    # process then loads its step from.
+    with persistent_compile_cache(xla_cache_dir) as env:
         loop.train(reference_config(demo_assets), tmp_path / "reference")
     env = {**env, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     rng = random.Random(os.getpid())

@@ -1,13 +1,10 @@
 """Training workdirs on object storage (gs://), tested offline (issue 18).
 
-No bucket is reachable from a test, so the store is TensorFlow's in-memory `ram://` filesystem
-routed through etils.epath (which knows gs://, s3://, az://, hf:// only) and made to behave like
-an object store: no append, no directory rename (GCS has neither). Orbax cannot write ram://:
-its array data goes through TensorStore's own drivers (`file` or `gcs`), never through gfile,
-so TensorStore rejects `ram:/...` ("Checkpoint path should be absolute"). The end-to-end test
-therefore keeps the Orbax checkpoints in a local folder (one patched seam,
-checkpointing._orbax_directory) and everything else of the workdir on the store. gs:// paths
-are served from ram://gcs/ too, for the code that treats gs:// specially.
+The store is qwen_jax/testing/object_store.py's: TensorFlow's in-memory `ram://` filesystem
+behind etils.epath, behaving like an object store (no append, no directory rename), gs:// served
+from ram://gcs/. Orbax cannot write ram:// (TensorStore rejects `ram:/...`: "Checkpoint path
+should be absolute"), so the end-to-end test keeps the Orbax checkpoints in a local folder (one
+patched seam, checkpointing._orbax_directory) and everything else of the workdir on the store.
 """
 
 from __future__ import annotations
@@ -18,75 +15,21 @@ import shutil
 
 import pytest
 
+from qwen_jax.testing.compile_cache import persistent_compile_cache
 from qwen_jax.testing.experiments import REPO
+from qwen_jax.testing.object_store import object_store
 from qwen_jax.train import checkpointing
 from qwen_jax.train.checkpointing import WorkdirError, workdir_path
 from qwen_jax.train.config import TrainConfig, load_experiment
 from qwen_jax.train.loop import check_workdir, train
 
 
-def _object_store_backend():
-    """epath's TensorFlow backend on ram://, refusing what an object store cannot do."""
-    from etils.epath import backend
-
-    class ObjectStore(backend._TfBackend):
-        def open(self, path, mode):
-            if "a" in mode:
-                raise OSError(f"object store: cannot append to {path}")
-            return super().open(path, mode)
-
-        def rename(self, path, dst):
-            if self.isdir(path):
-                raise OSError(f"object store: cannot rename directory {path}")
-            super().rename(path, dst)
-
-        def replace(self, path, dst):
-            if self.isdir(path):
-                raise OSError(f"object store: cannot rename directory {path}")
-            super().replace(path, dst)
-
-    return ObjectStore()
-
-
-class _Rewrite:
-    """A backend whose path arguments are rewritten from one prefix to another."""
-
-    def __init__(self, inner, old: str, new: str):
-        self.inner, self.old, self.new = inner, old, new
-
-    def __getattr__(self, name):
-        method = getattr(self.inner, name)
-
-        def call(*args, **kwargs):
-            args = [a.replace(self.old, self.new, 1) if isinstance(a, str) else a for a in args]
-            return method(*args, **kwargs)
-
-        return call
-
-
 @pytest.fixture(scope="module")
 def store():
-    """ram:// routed through epath as an object store; yields tf.io.gfile to inspect it."""
-    import tensorflow as tf
-    from etils.epath import gpath, register
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gpath, "_URI_PREFIXES", (*gpath._URI_PREFIXES, "ram://"))
-        mp.setattr(gpath, "_URI_SCHEMES", gpath._URI_SCHEMES | {"ram"})
-        mp.setitem(gpath._URI_MAP_ROOT, "ram://", "/ram/")
-        mp.setitem(register._URI_PREFIXES_TO_CLS, "ram://", gpath.PosixGPath)
-        backend = _object_store_backend()
-        # epath picks its TensorFlow backend for any URI when TF is installed: route ram:// to
-        # the object store instead.
-        # gs:// itself is served from ram://gcs/ (the code under test sees real gs:// paths).
-        gs = _Rewrite(backend, "gs://", "ram://gcs/")
-        original = gpath._GPath._backend
-
-        def routed(self):
-            return {"ram": backend, "gs": gs}.get(self._uri_scheme) or original.fget(self)
-
-        mp.setattr(gpath._GPath, "_backend", property(routed))
-        yield tf.io.gfile
+    """ram:// routed through epath as an object store (qwen_jax/testing/object_store.py); yields
+    tf.io.gfile to inspect it."""
+    with object_store() as gfile:
+        yield gfile
 
 
 def test_uri_workdir_is_not_a_local_folder():
@@ -182,9 +125,16 @@ def test_metrics_go_up_whole_at_sync_and_close(store):
     assert len(events) == 2, events  # one file per writer, side by side
 
 
-@pytest.mark.slow  # two tiny trainings (two compilations): 74-111 s on the loaded 2 cores
-def test_train_resume_and_restore_on_the_store(store, demo_assets, tmp_path, monkeypatch):
+@pytest.mark.slow  # two tiny trainings, at most one compilation (the rest load from the cache)
+def test_train_resume_and_restore_on_the_store(
+    store, demo_assets, xla_cache_dir, tmp_path, monkeypatch
+):
     """A tiny run into ram://, resumed from an earlier checkpoint, then restored for serving."""
+    with persistent_compile_cache(xla_cache_dir):  # the run's cache (conftest.py), a local folder
+        _train_resume_and_restore(store, demo_assets, tmp_path, monkeypatch)
+
+
+def _train_resume_and_restore(store, demo_assets, tmp_path, monkeypatch):
     # TensorStore cannot reach ram:// (module docstring): Orbax's directory is mirrored locally.
     local = tmp_path / "orbax"
 

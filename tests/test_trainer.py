@@ -121,11 +121,12 @@ def uninterrupted(demo_assets, tmp_path_factory):  # noqa: F811
 
 
 @pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """One persistent compilation cache for this module's runs, in process and in the kill and
-    preemption subprocesses (its value is their environment; qwen_jax/testing/compile_cache.py):
-    each run builds the same step again, and only the first compiles it."""
-    with persistent_compile_cache(tmp_path_factory.mktemp("xla_cache")) as env:
+def compile_cache(xla_cache_dir):
+    """The run's persistent compilation cache (conftest.py) for this module's runs, in process
+    and in the kill and preemption subprocesses (its value is their environment; qwen_jax/
+    testing/compile_cache.py): each run builds the same step again, and only the first run of
+    the suite compiles it."""
+    with persistent_compile_cache(xla_cache_dir) as env:
         yield env
 
 

@@ -1,6 +1,6 @@
-"""A persistent XLA compilation cache for one test module: what makes a module that builds the
-same train step many times (a resume, each init_from source, each stage's second run) compile
-it once.
+"""A persistent XLA compilation cache for the tests: what makes a suite that builds the same
+train step many times (a resume, each init_from source, each stage's second run, the tiny
+experiment's step in several modules) compile it once.
 
 `train()` builds its steps anew on each call, so jit's in-memory cache never hits across calls;
 with a persistent cache the second build loads the executable (measured on the tiny runlocal
@@ -8,13 +8,18 @@ config: a second `train()` costs 7 CPU s instead of 33). An executable loaded fr
 the one XLA compiled for the same program, so results stay bit-identical, and jit's in-memory
 caches (what the "compiles nothing" tests count) are not involved.
 
-Use it in a module-scoped autouse fixture; it restores the process's previous cache setting on
-exit, so other modules of the same pytest worker are unaffected:
+Use it in a module-scoped autouse fixture, on the run's one cache folder (tests/conftest.py's
+`xla_cache_dir`, shared by the xdist workers); it restores the process's previous cache
+setting on exit, so other modules of the same pytest worker are unaffected:
 
     @pytest.fixture(scope="module", autouse=True)
-    def _compile_cache(tmp_path_factory):
-        with persistent_compile_cache(tmp_path_factory.mktemp("xla_cache")):
+    def _compile_cache(xla_cache_dir):
+        with persistent_compile_cache(xla_cache_dir):
             yield
+
+Two processes may compile the same program at once: JAX writes an entry in place, so a reader
+that meets a half-written one warns ("Error reading persistent compilation cache entry") and
+compiles; results do not change.
 """
 
 from __future__ import annotations
