@@ -6,8 +6,9 @@ It is `qwen-jax reproduce --out DIR --quick` (qwen_jax/reproduce.py): from the e
    experiments/pretrain/tiny.py trained in DIR/run and exported to DIR/export;
 2. Code-Qwen (continued pretraining) -> Code-Qwen-Chat (SFT); Math-Qwen-Chat (SFT) from the base;
 3. every model on the held-out benchmarks, the results table, loss plots, and what the variants
-   learned: a held-out word problem the math model solved and a held-out function the code model
-   completed that passes its tests (the first such item in a fixed order, never a picked one).
+   learned: a held-out word problem Math-Qwen-Chat solved and a held-out function Code-Qwen-Chat
+   wrote (asked in words) that passes its tests in the sandbox (the first such item in a fixed
+   order, never a picked one), with how many of the held-out items each solved.
 Finished stages are skipped, so a rerun resumes instead of redoing. The base's functions here
 (corpus, vocabulary, config, export) are the chain's first stage.
 """

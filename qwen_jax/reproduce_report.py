@@ -20,8 +20,8 @@ from pathlib import Path
 
 BASE = "base"
 # The variants the demo shows (fixed, not picked by score): Math-Qwen-Chat answering word
-# problems, Code-Qwen completing functions (synth_code's completion protocol).
-MATH_MODEL, CODE_MODEL = "math_qwen_chat", "code_qwen"
+# problems, Code-Qwen-Chat writing functions asked for in words (synth_code's chat protocol).
+MATH_MODEL, CODE_MODEL, CODE_COLUMN = "math_qwen_chat", "code_qwen_chat", "synth_code_chat"
 
 
 def _export(out: Path, name: str) -> Path:
@@ -250,7 +250,7 @@ def _question(prompt: str) -> str:
 
 def showcase(out: Path, metrics: dict) -> str:
     """What the variants learned, as text (see the module docstring): the math model on
-    synth_math, the code model (Code-Qwen, completing functions) on synth_code."""
+    synth_math, the code model (Code-Qwen-Chat, asked in words) on synth_code's chat protocol."""
     from qwen_jax.evals.tasks import build_task
 
     names = task_names(out, metrics)
@@ -268,18 +268,18 @@ def showcase(out: Path, metrics: dict) -> str:
             f"   extracted {rec['extracted']}, gold {rec['gold']}",
         ]
     lines.append("")
-    rec, right, n = _first_right(_samples(out, CODE_MODEL, names["synth_code"]))
+    rec, right, n = _first_right(_samples(out, CODE_MODEL, names[CODE_COLUMN]))
     lines.append(f"== {CODE_MODEL} on held-out functions: solved {right} of {n} held-out")
     if rec is None:
-        lines.append("   None of its completions passed." if n else "   (not evaluated)")
+        lines.append("   None of its functions passed." if n else "   (not evaluated)")
     else:
-        bench, chat, _ = metrics["synth_code"]
+        bench, chat, _ = metrics[CODE_COLUMN]
         items = {it.id: it for it in build_task(bench, out / "data", chat=chat).items}
         tests = len(items[rec["id"]].meta.get("tests", ())) if rec["id"] in items else 0
         lines += [
-            "   the first one it completed correctly (in the benchmark's order):",
+            "   the first one it wrote correctly (in the benchmark's order):",
             _indent(_question(rec["prompt"])),
-            f"   its completion (passes {tests} tests):",
+            f"   its function (passes {tests} tests in the sandbox):",
             _indent(str(rec["extracted"] or rec["output"]).strip("\n")),
         ]
     return "\n".join(lines) + "\n"

@@ -1,6 +1,8 @@
 """`init_from`: a run started from a params export, a training run or an HF directory holds the
 source's params at step 0 with a fresh optimizer; mismatches fail before anything is written;
-a resume never reads init_from. The source run trains on user .jsonl files (data section)."""
+a resume never reads init_from. The source run trains on user .jsonl files (data section).
+A training run on gs:// (an in-memory object store, qwen_jax/testing/object_store.py) is a
+source too; an export or HF directory there is one clear error."""
 
 from __future__ import annotations
 
@@ -16,20 +18,22 @@ from qwen_jax.checkpoint import save_hf, save_params
 from qwen_jax.sharding import make_mesh
 from qwen_jax.testing.compile_cache import persistent_compile_cache
 from qwen_jax.testing.experiments import REPO
+from qwen_jax.testing.object_store import object_store
 from qwen_jax.tokenizer import load_tokenizer
+from qwen_jax.train import checkpointing
 from qwen_jax.train.checkpointing import TrainCheckpointer
 from qwen_jax.train.config import TrainConfig, load_experiment
 from qwen_jax.train.export import restore_model
-from qwen_jax.train.init_from import InitFromError
+from qwen_jax.train.init_from import InitFromError, find_source
 from qwen_jax.train.loop import model_vocab_size, train
 from qwen_jax.train.step import build_steps
 
 
 @pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """One persistent compilation cache for this module's runs (qwen_jax/testing/
+def compile_cache(xla_cache_dir):
+    """The run's persistent compilation cache (tests/conftest.py, qwen_jax/testing/
     compile_cache.py): each train() builds the same step again; only the first compiles it."""
-    with persistent_compile_cache(tmp_path_factory.mktemp("xla_cache")) as env:
+    with persistent_compile_cache(xla_cache_dir) as env:
         yield env
 
 
@@ -155,3 +159,66 @@ def test_a_resume_wins_over_init_from(demo_assets, source, tmp_path):
     )
     result = train(again, tmp_path / "run")
     assert result.last_step == 3 and [r["step"] for r in result.history] == [3]
+
+
+# ------------------------------------------------------------------ sources on gs://
+
+
+@pytest.fixture
+def store():
+    with object_store() as gfile:
+        yield gfile
+
+
+def test_a_run_starts_from_a_training_run_on_gcs(demo_assets, source, tmp_path, store, monkeypatch):
+    """pathlib read gs://bucket/base as the local folder gs:/bucket/base ("no such directory")."""
+    root, want, data = source
+    # The source run in the bucket: config.json and checkpoints/ on the store; TensorStore cannot
+    # read ram://, so Orbax restores its steps from the local run (the one patched seam).
+    store.makedirs("ram://gcs/bucket/base/checkpoints")
+    store.copy(str(root / "run" / "config.json"), "ram://gcs/bucket/base/config.json")
+    local_orbax = checkpointing._orbax_directory
+    mirror = {"gs://bucket/base/checkpoints": root / "run" / "checkpoints"}
+    monkeypatch.setattr(
+        checkpointing, "_orbax_directory", lambda p: mirror.get(str(p)) or local_orbax(p)
+    )
+    for spelling in ("gs://bucket/base", "gs://bucket/base/checkpoints"):
+        found = find_source(spelling)
+        assert (found.kind, str(found.path)) == ("train", "gs://bucket/base/checkpoints")
+
+    config = _config(
+        demo_assets, data, init_from="gs://bucket/base", **{"run.steps": 1, "optim.peak_lr": 0.0}
+    )
+    train(config, tmp_path / "new")
+    step, state = _saved_state(config, tmp_path / "new")
+    assert step == 1
+    got = {
+        jax.tree_util.keystr(k): np.asarray(v)
+        for k, v in jax.tree_util.tree_leaves_with_path(state["params"])
+    }
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_an_export_on_gcs_is_one_clear_error(demo_assets, source, tmp_path, store):
+    _, _, data = source
+    store.makedirs("ram://gcs/bucket/export/params")
+    for name in ("qwen_config.json", "params/_METADATA"):
+        with store.GFile(f"ram://gcs/bucket/export/{name}", "w") as f:
+            f.write("{}")
+    store.makedirs("ram://gcs/bucket/hf")
+    for name in ("config.json", "model.safetensors"):
+        with store.GFile(f"ram://gcs/bucket/hf/{name}", "w") as f:
+            f.write("{}")
+    config = _config(demo_assets, data, init_from="gs://bucket/export")
+    with pytest.raises(InitFromError, match=r"is a params export on object storage") as e:
+        train(config, tmp_path / "new")
+    assert "\n" not in str(e.value) and "copy it to a local directory" in str(e.value)
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(InitFromError, match=r"is a Hugging Face directory on object storage"):
+        find_source("gs://bucket/hf")
+    with pytest.raises(InitFromError, match=r"gs://bucket/nowhere'?: no such directory"):
+        find_source("gs://bucket/nowhere")
+    with pytest.raises(InitFromError, match=r"unsupported storage scheme"):
+        find_source("ftp://host/run")

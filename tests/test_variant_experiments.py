@@ -39,6 +39,7 @@ class Spec:
     warmup_steps: int | None = None
     steps: int | None = None
     tokens: float | None = None  # steps x batch x seq_len
+    warmup_shape: str = "linear"  # §7.1: Code-Qwen-Chat's warmup is cosine
 
 
 # Typed from the spec, not from the files. §7.1: Code-Qwen: continued pretraining from the base,
@@ -49,8 +50,12 @@ class Spec:
 SPEC = {
     "code/code_qwen_7b": Spec(3.0e-5, "base", False, 8192, 0.03, tokens=90e9),
     "code/code_qwen_14b": Spec(6.0e-5, "base", False, 8192, 0.03, tokens=90e9),
-    "code/code_qwen_7b_chat": Spec(1.0e-5, "code", True, warmup_fraction=0.03),
-    "code/code_qwen_14b_chat": Spec(2.0e-6, "code", True, warmup_fraction=0.03),
+    "code/code_qwen_7b_chat": Spec(
+        1.0e-5, "code", True, warmup_fraction=0.03, warmup_shape="cosine"
+    ),
+    "code/code_qwen_14b_chat": Spec(
+        2.0e-6, "code", True, warmup_fraction=0.03, warmup_shape="cosine"
+    ),
     "math/math_qwen_7b_chat": Spec(2e-5, "base", True, 1024, warmup_steps=1430, steps=50_000),
     "math/math_qwen_14b_chat": Spec(2e-5, "base", True, 1024, warmup_steps=1430, steps=50_000),
 }
@@ -81,7 +86,9 @@ def test_variant_hyperparameters_match_the_spec(name, arg):
     assert o.peak_lr == spec.peak_lr
     assert (o.b1, o.b2, o.eps) == ADAMW
     assert o.total_steps == steps
-    # The schedule as the trainer computes it: linear warmup to the peak, then flat (no decay).
+    assert o.warmup_shape == spec.warmup_shape
+    # The schedule as the trainer computes it: warmup (linear or half-cosine) to the peak, then
+    # flat (no decay).
     lr = learning_rate(o)
     assert float(lr(o.warmup_steps)) == pytest.approx(spec.peak_lr, rel=1e-6)
     for s in (steps // 2, steps - 1, steps):
@@ -128,6 +135,7 @@ def test_runlocal_keeps_the_recipe_shape(name):
     full, local = _config(name), _config(name, "runlocal")
     assert local.model_config().num_params() < 10_000_000
     assert local.optim.schedule == full.optim.schedule == "constant"
+    assert local.optim.warmup_shape == full.optim.warmup_shape
     assert local.model_config().attention_impl == "xla"  # the flash kernel is interpreted on CPU
     assert {tasks.task_kind(t) for t in resolve(local.data.mixture)[0]} == {
         tasks.task_kind(t) for t in resolve(full.data.mixture)[0]

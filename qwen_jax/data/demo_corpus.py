@@ -33,7 +33,7 @@ from qwen_jax.data import synthetic_chat as chat
 from qwen_jax.data import synthetic_code
 from qwen_jax.data.synthetic_math import EASY_TEMPLATES, problem, problem_pair
 
-VERSION = "qwen-jax-demo-corpus/2"
+VERSION = "qwen-jax-demo-corpus/3"  # 3: one-digit easy math and code constants
 _SKIP_DIRS = {
     "test",
     "tests",
@@ -142,7 +142,7 @@ def reference_topics(budget: int) -> list[dict]:
 # Volumes of the learnable synthetic domains (together about 2 MB of the corpus: the whole corpus
 # stays under test_data_demo.py's 6 MB bound).
 CODE_MODULES, FUNCTIONS_PER_MODULE, CODE_CONVERSATIONS = 1000, 6, 2400
-EASY_MATH_DOCS, EASY_MATH_CONVERSATIONS = 2000, 2400
+EASY_MATH_DOCS, EASY_MATH_CONVERSATIONS, GSM_MATH_CONVERSATIONS = 2000, 3000, 600
 
 
 def _interleave(a: list, b: list) -> list:
@@ -162,7 +162,7 @@ def synthetic_sets(apis: list[tuple[str, str, str]], seed: int = 0) -> dict[str,
             {"text": f"Question: {p.question}\nAnswer: {p.solution}", "source": "synthetic_math"}
         )
     sft_math, prompts = [], []
-    for _ in range(1200):
+    for _ in range(GSM_MATH_CONVERSATIONS):
         msgs, _ = chat.math_conversation(rng)
         sft_math.append({"messages": msgs})
     easy = [problem(rng, tier="easy") for _ in range(EASY_MATH_CONVERSATIONS)]
@@ -252,10 +252,11 @@ def _write(out: Path, prefix: str, records: list[dict], train_files: int) -> dic
     return meta
 
 
-def heldout_sets(seed: int = 0, easy_per_template: int = 30, gsm: int = 40) -> dict:
+def heldout_sets(seed: int = 0, easy_per_template: int = 25, gsm: int = 0) -> dict:
     """The held-out benchmark files (qwen_jax.evals.synth reads them): every synthetic code
     task of the "heldout" split, and word problems drawn from the "heldout" keys (distinct
-    questions; `easy_per_template` of each one-step template, then `gsm` multi-step ones)."""
+    questions; `easy_per_template` of each one-step template, then `gsm` multi-step ones:
+    none by default, the tiny models of the chain do not learn two-step arithmetic)."""
     rng = np.random.default_rng(seed + 1)
     math, seen = [], set()
 

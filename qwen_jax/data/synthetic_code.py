@@ -23,7 +23,7 @@ import hashlib
 import random
 import string
 
-HELDOUT_EVERY = 6  # ~1 task in 6 is held out
+HELDOUT_EVERY = 4  # ~1 key in 4 is held out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +112,9 @@ def _task(family, name, params, doc, body, make_calls) -> CodeTask:
 
 def _arith() -> list[CodeTask]:
     out = []
-    for k in range(1, 100):
+    # One-digit constants: a task is learnable by copying its docstring's constant into the
+    # body (a d=128, 4-layer model in a few hundred steps), and held out by that constant.
+    for k in range(1, 10):
         for stem in ("add", "plus"):
             out.append(
                 _task("add_k", f"{stem}_{k}", "x", f"Return x plus {k}.", f"x + {k}", _calls_int)
@@ -121,11 +123,22 @@ def _arith() -> list[CodeTask]:
             out.append(
                 _task("sub_k", f"{stem}_{k}", "x", f"Return x minus {k}.", f"x - {k}", _calls_int)
             )
-    for k in range(2, 21):
+    for k in range(2, 10):
         for stem in ("times", "multiply_by"):
             out.append(
                 _task("mul_k", f"{stem}_{k}", "x", f"Return x times {k}.", f"x * {k}", _calls_int)
             )
+        out.append(
+            _task(
+                "double_plus",
+                f"double_plus_{k}",
+                "x",
+                f"Return x times 2 plus {k}.",
+                f"x * 2 + {k}",
+                _calls_int,
+            )
+        )
+        out.append(_task("mod_k", f"mod_{k}", "x", f"Return x modulo {k}.", f"x % {k}", _calls_int))
         out.append(
             _task(
                 "is_multiple",
@@ -136,7 +149,7 @@ def _arith() -> list[CodeTask]:
                 lambda rng, k=k: (str(k * rng.randint(1, 5)), str(k + 1), str(k - 1)),
             )
         )
-    for k in range(0, 40, 3):
+    for k in range(0, 10):
         out.append(
             _task(
                 "greater_than",
@@ -147,8 +160,28 @@ def _arith() -> list[CodeTask]:
                 lambda rng, k=k: (str(k), str(k + 1), str(k - rng.randint(1, 9))),
             )
         )
-    for lo in range(0, 10, 2):
-        for hi in range(10, 41, 5):
+        out.append(
+            _task(
+                "less_than",
+                f"is_below_{k}",
+                "x",
+                f"Return True if x is less than {k}.",
+                f"x < {k}",
+                lambda rng, k=k: (str(k), str(k - 1), str(k + rng.randint(1, 9))),
+            )
+        )
+        out.append(
+            _task(
+                "equals",
+                f"is_{k}",
+                "x",
+                f"Return True if x equals {k}.",
+                f"x == {k}",
+                lambda rng, k=k: (str(k), str(k + 1), str(k - rng.randint(1, 9))),
+            )
+        )
+    for lo in range(0, 4):
+        for hi in range(6, 10):
             out.append(
                 _task(
                     "clamp",
@@ -184,6 +217,16 @@ def _strings_family() -> list[CodeTask]:
                 lambda rng, c=c: _strings(rng, 3, "abcdefghijkl" + c * 3),
             )
         )
+        out.append(
+            _task(
+                "contains",
+                f"has_{c}",
+                "s",
+                f"Return True if '{c}' occurs in s.",
+                f"'{c}' in s",
+                lambda rng, c=c: (repr(c + "xyz"), repr("xyz"), *_strings(rng, 1, "abcdefghijkl")),
+            )
+        )
     for k in range(2, 8):
         out.append(
             _task(
@@ -192,6 +235,17 @@ def _strings_family() -> list[CodeTask]:
                 "s",
                 f"Return s repeated {k} times.",
                 f"s * {k}",
+                lambda rng: _strings(rng, 3),
+            )
+        )
+    for k in range(1, 10):
+        out.append(
+            _task(
+                "dashes",
+                f"dashes_{k}",
+                "s",
+                f"Return s followed by {k} dashes.",
+                f"s + '-' * {k}",
                 lambda rng: _strings(rng, 3),
             )
         )
@@ -222,6 +276,18 @@ def _strings_family() -> list[CodeTask]:
         )
         out.append(
             _task(
+                "ends_with",
+                f"ends_with_{w}",
+                "s",
+                f"Return True if s ends with '{w}'.",
+                f"s.endswith('{w}')",
+                lambda rng, w=w: tuple(
+                    repr(rng.choice(_WORDS) + rng.choice(("", w))) for _ in range(3)
+                ),
+            )
+        )
+        out.append(
+            _task(
                 "greet",
                 f"greet_{w}",
                 "name",
@@ -239,7 +305,7 @@ def _strings_family() -> list[CodeTask]:
 def _lists_family() -> list[CodeTask]:
     out = []
     for stem, phrase, expr in _LIST_OPS:
-        for k in range(0, 12):
+        for k in range(0, 10):
             doc = f"Return {phrase}." if k == 0 else f"Return {phrase} plus {k}."
             name = f"{stem}_item" if k == 0 else f"{stem}_item_plus_{k}"
             out.append(
@@ -256,7 +322,7 @@ def _lists_family() -> list[CodeTask]:
 
 
 def all_tasks() -> list[CodeTask]:
-    """Every task, in a fixed order (about 620; about 400 distinct keys)."""
+    """Every task, in a fixed order (about 260; about 235 distinct keys)."""
     return _arith() + _strings_family() + _lists_family()
 
 

@@ -6,8 +6,9 @@ the integer answer. `problem_pair` also returns the same question worked with on
 slip, for rejected answers in preference pairs. Solutions end with "The answer is N." as in Qwen's
 GSM8K prompt format (spec §9), so answer extraction (last integer) works on them.
 
-Two tiers: `TEMPLATES` (two or three steps, GSM8K-like) and `EASY_TEMPLATES` (one step, small
-numbers: what the demo's tiny models can learn in a minute); `problem(rng, tier="easy")`.
+Two tiers: `TEMPLATES` (two or three steps, GSM8K-like) and `EASY_TEMPLATES` (one step on
+one-digit operands: the answer is one sum, difference or product of the two numbers of the
+question, what the demo's tiny models can learn in a minute); `problem(rng, tier="easy")`.
 
 Held out: a problem's `key` is its template and the numbers of its question (names and items
 left out, so a held-out problem has no training twin that differs only in a name). About one
@@ -269,22 +270,22 @@ def _minutes(rng, err=0):
 
 def _more(rng, err=0):
     name, things = _pick(rng, NAMES), _pick(rng, THINGS)
-    a, b = int(rng.integers(1, 13)), int(rng.integers(1, 13))
+    a, b = int(rng.integers(1, 10)), int(rng.integers(1, 10))
     q = f"{name} has {a} {things}. {name} gets {b} more. How many {things} does {name} have now?"
     return q, (f"{name} has {a} + {b} = {a + b + err} {things} now.",), a + b + err
 
 
 def _together(rng, err=0):
     a, b, things = _pick(rng, NAMES[:11]), _pick(rng, NAMES[11:]), _pick(rng, THINGS)
-    x, y = int(rng.integers(1, 13)), int(rng.integers(1, 13))
+    x, y = int(rng.integers(1, 10)), int(rng.integers(1, 10))
     q = f"{a} has {x} {things} and {b} has {y} {things}. How many {things} do they have together?"
     return q, (f"Together they have {x} + {y} = {x + y + err} {things}.",), x + y + err
 
 
 def _fewer(rng, err=0):
     name, things = _pick(rng, NAMES), _pick(rng, THINGS)
-    a = int(rng.integers(3, 21))
-    b = int(rng.integers(1, a))
+    a = int(rng.integers(2, 19))
+    b = int(rng.integers(max(1, a - 9), min(a, 10)))  # one digit, and so is the answer
     q = f"{name} had {a} {things} and lost {b} of them. How many {things} does {name} have left?"
     return q, (f"{name} has {a} - {b} = {a - b + err} {things} left.",), a - b + err
 

@@ -6,6 +6,8 @@ Sources, told apart by their files:
   training run    config.json + checkpoints/, or that checkpoints/ directory itself: the newest
                   step that restores (damaged steps are skipped, as on resume)
   Hugging Face    config.json + *.safetensors           (Qwen v1 or Qwen2 names, checkpoint/hf.py)
+A training run may be on object storage (gs://bucket/run, read through etils.epath and Orbax);
+an export or HF directory there is refused by name (its loaders read local files).
 
 `check_source` runs before anything is written: the source's vocabulary and every parameter
 shape must equal the run's model, or one `InitFromError` names the mismatch. Non-shape fields
@@ -39,20 +41,43 @@ class InitFromError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Source:
     kind: str  # one of KINDS
-    path: Path  # the params export, the checkpoints directory, or the HF directory
+    # the params export, the checkpoints directory, or the HF directory (a training run's
+    # checkpoints may be a URI: an etils.epath path)
+    path: Path
     model_cfg: QwenConfig  # the architecture the source was saved with
 
 
 def find_source(init_from: str) -> Source:
-    """Identify `init_from` and read its architecture (no weights are read)."""
+    """Identify `init_from` and read its architecture (no weights are read).
+
+    A URI (gs://bucket/run) is an etils.epath path, as a workdir is (checkpointing.workdir_path):
+    pathlib would read gs://b/x as the local folder gs:/b/x. On object storage a training run
+    (or its checkpoints/) restores through Orbax; a params export or Hugging Face directory is
+    named (their loaders read local files) so the error comes before anything is written.
+    """
     from qwen_jax.checkpoint import checkpoint_config
-    from qwen_jax.checkpoint.params import is_params_dir
+    from qwen_jax.checkpoint.params import CONFIG_FILE
+    from qwen_jax.train.checkpointing import is_remote, workdir_path
     from qwen_jax.train.export import run_model_config
 
-    path = Path(init_from)
+    try:
+        path = workdir_path(init_from)
+    except ValueError as e:
+        raise InitFromError(f"init_from={init_from!r}: {e}") from None
     if not path.is_dir():
         raise InitFromError(f"init_from={init_from!r}: no such directory")
-    if is_params_dir(path):
+
+    def local_only(what: str) -> InitFromError:
+        return InitFromError(
+            f"init_from={init_from!r} is {what} on object storage, which is read from local "
+            "disk only: copy it to a local directory first (gcloud storage cp -r), or start "
+            "from the training workdir it came from"
+        )
+
+    # checkpoint.params.is_params_dir's test, on a path that may be a URI
+    if (path / CONFIG_FILE).exists() and (path / "params").exists():
+        if is_remote(path):
+            raise local_only("a params export")
         return Source("params", path, checkpoint_config(path))
     run_dir = path if (path / "checkpoints").is_dir() else path.parent
     if (run_dir / "checkpoints").is_dir() and (run_dir / "config.json").exists():
@@ -62,6 +87,8 @@ def find_source(init_from: str) -> Source:
         any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists()
     )
     if has_safetensors and (path / "config.json").exists():
+        if is_remote(path):
+            raise local_only("a Hugging Face directory")
         return Source("hf", path, checkpoint_config(path))
     raise InitFromError(
         f"init_from={init_from!r} is none of: a params export (qwen_config.json + params/), a "

@@ -12,10 +12,12 @@ A checkpoint that does not restore is moved aside (checkpointing.py) and the run
 the one before; metrics.jsonl and TensorBoard drop what the resumed run logs again.
 
 Workdir. Checked first (a writable directory, or creatable in one): a file, a read-only or full
-disk is one WorkdirError line before anything loads; a full disk later is one too. A URI workdir
-(gs://bucket/run) is an etils.epath path (checkpointing.workdir_path): Orbax writes its
-checkpoints there, config.json is one object, and metrics.py uploads metrics.jsonl and the
-TensorBoard events at each checkpoint and at the end (an object store cannot append).
+disk is one WorkdirError line before anything loads; a full disk later is one too. A local
+workdir is created only once the data names (`check_data`) and the init_from source check out:
+a bad name leaves nothing behind. A URI workdir (gs://bucket/run) is an etils.epath path
+(checkpointing.workdir_path): Orbax writes its checkpoints there, config.json is one object, and
+metrics.py uploads metrics.jsonl and the TensorBoard events at each checkpoint and at the end
+(an object store cannot append).
 """
 
 from __future__ import annotations
@@ -141,6 +143,18 @@ def _check_remote_workdir(workdir) -> None:
         raise WorkdirError(f"workdir {workdir} is not writable: a probe object read back wrong")
 
 
+def check_data(config: TrainConfig, tokenizer) -> None:
+    """The train mixture, and the eval mixture when the run evaluates, each name a registered
+    Task or Mixture or user files that exist (registering those, as ShardedData would): a bad
+    name is one ValueError line here, before the workdir is created, not after it is left
+    holding an empty checkpoints/."""
+    from qwen_jax.data.user_files import dataset_name
+
+    dataset_name(config.data.mixture, tokenizer)
+    if config.run.eval_every and config.data.eval_mixture:
+        dataset_name(config.data.eval_mixture, tokenizer)
+
+
 def train(config: TrainConfig, workdir: str | Path, *, force: bool = False) -> RunResult:
     """Initialise or resume in `workdir` (a local path or a URI such as gs://bucket/run),
     train to config.run.steps, checkpoint, return history."""
@@ -166,6 +180,7 @@ def _train(config: TrainConfig, workdir: Path, force: bool) -> RunResult:
             f"tokenizer has {tokenizer.vocab_size} ids but the model only "
             f"{model_cfg.vocab_size} embedding rows"
         )
+    check_data(config, tokenizer)
     source = None
     if config.init_from and not has_checkpoint(workdir / "checkpoints"):
         # Checked before anything is written: a bad source leaves the workdir untouched.
@@ -294,4 +309,12 @@ def evaluate(config: TrainConfig, steps: Steps, state, vocab) -> dict[str, float
     }
 
 
-__all__ = ["train", "RunResult", "WorkdirError", "check_workdir", "evaluate", "model_vocab_size"]
+__all__ = [
+    "train",
+    "RunResult",
+    "WorkdirError",
+    "check_data",
+    "check_workdir",
+    "evaluate",
+    "model_vocab_size",
+]

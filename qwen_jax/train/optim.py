@@ -1,12 +1,18 @@
-"""Optimizer: AdamW with linear warmup then cosine decay, global-norm clipping, masked decay."""
+"""Optimizer: AdamW with a warmup (linear or half-cosine) then cosine decay or constant,
+global-norm clipping, masked decay."""
 
 from __future__ import annotations
 
 import dataclasses
+import typing
+from typing import Literal
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
+
+WarmupShape = Literal["linear", "cosine"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,12 +31,34 @@ class OptimConfig:
     decay_norms_and_biases: bool = False
     # "cosine" (pretraining) or "constant" (warmup then flat: Code-Qwen, spec §7.1)
     schedule: str = "cosine"
+    # The warmup's shape: "linear" (spec §4.2) or "cosine", a half-cosine from 0 to the peak
+    # (Code-Qwen-Chat, spec §7.1: "cosine warmup over 3% then constant"). A Literal, so a bad
+    # name is a config-load error (train/config.py checks Literal fields against their values).
+    warmup_shape: WarmupShape = "linear"
+
+
+def warmup(cfg: OptimConfig) -> optax.Schedule:
+    """0 -> peak over `warmup_steps`: linear, lr(s) = peak * s / warmup; or half-cosine,
+    lr(s) = peak * (1 - cos(pi * s / warmup)) / 2 (flat start and end: no jump into the peak)."""
+    steps = max(cfg.warmup_steps, 1)
+    if cfg.warmup_shape == "linear":
+        return optax.linear_schedule(0.0, cfg.peak_lr, steps)
+    if cfg.warmup_shape == "cosine":
+        peak = cfg.peak_lr
+
+        def half_cosine(step):
+            frac = jnp.clip(step / steps, 0.0, 1.0)
+            return peak * (1.0 - jnp.cos(jnp.pi * frac)) / 2.0
+
+        return half_cosine
+    raise ValueError(
+        f"unknown warmup_shape {cfg.warmup_shape!r}; expected one of {typing.get_args(WarmupShape)}"
+    )
 
 
 def learning_rate(cfg: OptimConfig) -> optax.Schedule:
-    """lr(s) = peak * s / warmup for s < warmup; then cosine from peak to peak * final_fraction
-    over the remaining steps (or flat at peak for schedule="constant")."""
-    warmup = optax.linear_schedule(0.0, cfg.peak_lr, max(cfg.warmup_steps, 1))
+    """`warmup(cfg)` for s < warmup_steps; then cosine from peak to peak * final_fraction over
+    the remaining steps (or flat at peak for schedule="constant")."""
     if cfg.schedule == "constant":
         after = optax.constant_schedule(cfg.peak_lr)
     elif cfg.schedule == "cosine":
@@ -38,7 +66,7 @@ def learning_rate(cfg: OptimConfig) -> optax.Schedule:
         after = optax.cosine_decay_schedule(cfg.peak_lr, decay_steps, alpha=cfg.final_lr_fraction)
     else:
         raise ValueError(f"unknown schedule {cfg.schedule!r}; expected 'cosine' or 'constant'")
-    return optax.join_schedules([warmup, after], [cfg.warmup_steps])
+    return optax.join_schedules([warmup(cfg), after], [cfg.warmup_steps])
 
 
 def decay_mask(params: nnx.State, include_norms_and_biases: bool = False):
