@@ -2,7 +2,11 @@
 
   python -m benchmarks.grpo_bench [--shape bench] [--prompts 2] [--group 4]
       [--prompt-tokens 32] [--new-tokens 32] [--sides trl,ours] [--work runs/grpo_bench]
-      [--out benchmarks/results/grpo_cpu.json]
+      [--out benchmarks/results/grpo_cpu.json] [--smoke]
+
+--smoke checks that both sides run and the JSON is written, in about a minute: a 2-layer,
+d 64 variant of the bench shape (same vocabulary), 1 prompt x group 2, 8 prompt and 4 new
+tokens; its figures mean nothing (the JSON says "smoke": true).
 
 An iteration is what each trainer does per optimizer step: sample `group` responses for each of
 `prompts` prompts with the current weights (rollout), score them (reward, the policy's old and
@@ -29,9 +33,11 @@ Equal work on both sides:
     rows (TRL: per_device_train_batch_size = prompts x group, steps_per_generation 1, one
     gradient-accumulation step; ours: ppo_epochs 1, minibatches 1); KL to a frozen fp32
     reference in the loss, k3, beta = kl_coef = 0.04 (both compute the reference's log-probs);
-    AdamW at LR 1e-6; dropout off. Rewards are constant on both sides (TRL: a function returning
-    1.0; ours: the math rule reward against an answer no random response contains, so 0.0):
-    the advantages are then 0, which changes no amount of work.
+    AdamW at LR 1e-6; dropout off; no activation recomputation (TRL's gradient checkpointing,
+    on by default in TRL 1.x, off: our bench-shape model has no remat). Rewards are constant on
+    both sides (TRL: a function returning 1.0; ours: the math rule reward against an answer no
+    random response contains, so 0.0): the advantages are then 0, which changes no amount of
+    work.
 """
 
 from __future__ import annotations
@@ -87,6 +93,15 @@ def make_prompts(tok_dir: Path, n: int, length: int) -> tuple[list[str], list[li
         texts.append(text)
         ids.append(enc)
     return texts, ids
+
+
+# --smoke: the bench shape cut to 2 layers of width 64 (the vocabulary, hence the tokenizer and
+# the LM head's share of the work, kept), and the smallest GRPO workload.
+SMOKE_SHAPE = dict(
+    SHAPES["bench"], hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16,
+    ffn_size=128,
+)  # fmt: skip
+SMOKE_WORKLOAD = {"prompts": 1, "group": 2, "prompt_tokens": 8, "new_tokens": 4}
 
 
 def load_avg() -> list[float]:
@@ -156,6 +171,7 @@ def run_trl(shape: dict, args, texts: list[str], tok_dir: Path, work: Path) -> d
         top_p=1.0,
         beta=KL_COEF,
         disable_dropout=True,
+        gradient_checkpointing=False,  # TRL 1.x defaults it on; ours recomputes nothing
         report_to="none",
         logging_steps=1,
         save_strategy="no",
@@ -285,11 +301,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sides", default="trl,ours")
     p.add_argument("--work", default=str(REPO / "runs" / "grpo_bench"))
     p.add_argument("--out", default="", help="results JSON (only from a quiet machine)")
+    p.add_argument("--smoke", action="store_true", help="tiny shape and workload (a check)")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.shape = "smoke"
+        for k, v in SMOKE_WORKLOAD.items():
+            setattr(args, k, v)
     if args.group < 2:
         raise SystemExit("--group must be >= 2 (GRPO)")
     sides = [s for s in args.sides.split(",") if s]
-    shape = SHAPES[args.shape]
+    shape = SMOKE_SHAPE if args.smoke else SHAPES[args.shape]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     tok_dir = qwen2_tokenizer_dir()
@@ -301,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "load_avg_before": load_avg(),
         "shape": args.shape,
+        "smoke": args.smoke,
         "workload": {"prompts": args.prompts, "group": args.group,
                      "rows": args.prompts * args.group, "prompt_tokens": args.prompt_tokens,
                      "new_tokens": args.new_tokens},

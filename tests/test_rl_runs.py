@@ -22,7 +22,7 @@ import pytest
 
 from qwen_jax.testing.compile_cache import persistent_compile_cache
 from qwen_jax.testing.experiments import REPO
-from qwen_jax.testing.rl_models import tiny_rl_models
+from qwen_jax.testing.rl_models import session_rl_models
 from qwen_jax.train.config import TrainConfig, load_experiment
 
 PPO = "experiments/ppo/qwen_7b_chat_ppo.py"
@@ -34,20 +34,17 @@ ITERATIONS = 5
 
 
 @pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
+def compile_cache(xla_cache_dir):
     """A persistent XLA cache (qwen_jax/testing/compile_cache.py): every run of the module
     (uninterrupted, killed subprocess, resumed) builds the same programs; only the first
     compiles them."""
-    with persistent_compile_cache(tmp_path_factory.mktemp("xla_cache")) as env:
+    with persistent_compile_cache(xla_cache_dir) as env:
         yield env
 
 
 @pytest.fixture(scope="module")
 def models(demo_assets, tmp_path_factory):
-    # QWEN_JAX_TEST_RL_MODELS: a directory the tiny models are built in once and then reused
-    # (iterating on these tests locally); by default they are built for this session.
-    root = os.environ.get("QWEN_JAX_TEST_RL_MODELS") or tmp_path_factory.mktemp("rl_models")
-    return tiny_rl_models(Path(root), demo_assets)
+    return session_rl_models(tmp_path_factory, demo_assets)  # built once per session
 
 
 def changes(path: str, models, assets, **extra) -> dict:
@@ -290,6 +287,8 @@ def test_experiment_compiles_for_its_slice(path):
     report = compile_rl_for_topology(cfg, cfg.tpu.topology, fast=True)
     assert not report.error, report.error
     assert report.fits, report.summary()
-    want = {"policy", "reference"} | ({"value", "reward"} if path == PPO else set())
+    want = {"policy_params", "policy_opt_state", "reference", "rollout_weights"}
+    want |= {"value_params", "value_opt_state", "reward"} if path == PPO else set()
     assert set(report.resident) == want
-    assert {"experience", "policy_step"} <= set(report.programs)
+    engine = {"rollout_prefill", "rollout_decode"}
+    assert {"experience", "policy_step"} | engine <= set(report.programs)

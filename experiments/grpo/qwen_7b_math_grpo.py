@@ -25,7 +25,6 @@ Data: demo_rl_math_prompts_v1 (the demo math SFT problems, answers read from the
 replies), or jsonl files with "messages" (or "prompt") and "answer" (qwen_jax/data/rl_tasks.py).
 """
 
-from qwen_jax.data import rl_tasks  # noqa: F401  (registers the RL prompt tasks)
 from qwen_jax.rl import recipes
 from qwen_jax.train.config import TrainConfig
 

@@ -33,7 +33,6 @@ any registered SFT / preference / prompt task, or jsonl files with "messages"
 (qwen_jax/data/rl_tasks.py).
 """
 
-from qwen_jax.data import rl_tasks  # noqa: F401  (registers the RL prompt tasks)
 from qwen_jax.rl import recipes
 from qwen_jax.train.config import TrainConfig
 

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import numpy as np
 import seqio
 
-from qwen_jax.data import mixtures, tasks  # noqa: F401  (register the Tasks and Mixtures)
+from qwen_jax.data import mixtures, rl_tasks, tasks  # noqa: F401  (register Tasks, Mixtures)
 from qwen_jax.data.packing import Example, Packer
 from qwen_jax.data.sources import DataError
 from qwen_jax.data.tf_setup import tf
@@ -214,6 +214,16 @@ class BatchIterator:
         t = int(self._choices[1][self.draws % 4096])
         self.draws += 1
         return t
+
+    def next_example(self) -> tuple[str, dict] | None:
+        """The next example of the mixture, unbatched and unpacked (for readers that batch on
+        their own, e.g. the RL prompt stream): (its Task's name, the Task's output features as
+        numpy values plus int `_epoch` and `_index`, its position in that Task's split), or
+        None when every task is exhausted (num_epochs=1). It advances the position
+        `get_state` records exactly as batches do; it neither skips over-long
+        examples nor counts a batch (a reader batching on its own adds to `batches`)."""
+        got = self._pull_raw()
+        return None if got is None else (self.streams[got[0]].task.name, got[1])
 
     def _pull_raw(self) -> tuple[int, dict] | None:
         while len(self.exhausted) < len(self.streams):

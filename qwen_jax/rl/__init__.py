@@ -7,9 +7,8 @@
                  sandbox
   rollout.py     RolloutEngine over the inference engine (weights refreshed in place)
   scoring.py     differentiable per-token log-probs, values and reward-model scores
-
-The PPO / GRPO iteration, its training loop and experiment files (issue 14) are not on main yet:
-they live on the branch wip/rl-loop until their run and learning tests pass under pytest.
+  algo.py        build_rl -> RL: one iteration (rollout, scoring, update)
+  loop.py        the RL training loop (checkpoints, resume, metrics)
 
 Nothing is imported here: `import qwen_jax.rl.losses` pulls only what that module needs.
 """

@@ -539,8 +539,10 @@ class RL:
 
 
 def _finite(it: int, name: str, value: float) -> None:
+    """RLNumericsError naming the iteration 1-based (`it` is the state's 0-based counter), as
+    metrics.jsonl and the checkpoints number them."""
     if not np.isfinite(value):
-        raise RLNumericsError(f"iteration {it}: {name} is {value}")
+        raise RLNumericsError(f"iteration {it + 1}: {name} is {value}")
 
 
 def _load_model(source, cfg: QwenConfig, mesh: Mesh) -> Qwen:

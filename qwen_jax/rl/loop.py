@@ -19,8 +19,10 @@ refused as any config change is (--force overrides). Resume is exact: the contin
 the metrics an uninterrupted one would have.
 
 Stops. SIGTERM/SIGINT finishes the iteration, saves and exits (as the trainer does). A NaN or
-inf in a reward or a loss (algo.RLNumericsError: "iteration N: <quantity> is nan") stops the
-run with nothing saved at that iteration: the last checkpoint is the last good state.
+inf in a reward or a loss stops the run with nothing saved at that iteration (the last
+checkpoint is the last good state) and one line naming the iteration 1-based, as
+metrics.jsonl and the checkpoints number them, and the quantity: "stopped at iteration 3
+(reward_raw is nan); ...".
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 import zlib
 from pathlib import Path
@@ -51,6 +54,11 @@ from qwen_jax.train.config import TrainConfig
 from qwen_jax.train.loop import RunResult, _Preemption, check_workdir, model_vocab_size
 
 log = logging.getLogger(__name__)
+
+
+# algo.RLNumericsError's own "iteration N: " prefix: the loop's message names the iteration
+# itself (1-based, as algo's) beside the last checkpoint.
+_ITERATION_PREFIX = re.compile(r"^iteration \d+: ")
 
 
 class RLInputError(UsageError):
@@ -206,11 +214,13 @@ def _train_rl(config: TrainConfig, workdir, force: bool) -> RunResult:
                     state, metrics = rl.iteration(state, batch.prompts, batch.records, ptx_batch)
                 except RLNumericsError as e:
                     # Nothing is saved at this iteration: the last checkpoint stays the last
-                    # good state. One line, non-zero exit (qwen_jax.cli).
+                    # good state. One line, non-zero exit (qwen_jax.cli). Iterations are
+                    # numbered 1-based, as metrics.jsonl's "step" and the checkpoints are.
                     last = ckpt.latest_step()
+                    quantity = _ITERATION_PREFIX.sub("", str(e)).replace("\n", " ")
                     raise RLNumericsError(
-                        f"stopped at iteration {step + 1} ({e}); nothing saved for it, the "
-                        f"last checkpoint is iteration {last if last is not None else 'none'}"
+                        f"stopped at iteration {step + 1} ({quantity}); nothing saved for it, "
+                        f"the last checkpoint is iteration {last if last is not None else 'none'}"
                     ) from None
                 step += 1
                 writer.advance()

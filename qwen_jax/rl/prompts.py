@@ -61,12 +61,12 @@ def _record(ex: dict) -> dict:
     return out
 
 
-def _too_long(it: BatchIterator, t: int, ex: dict, limit: int) -> PromptError:
+def _too_long(it: BatchIterator, task: str, ex: dict, limit: int) -> PromptError:
     ids = np.asarray(ex["prompt"])
     text = it.tokenizer.decode([int(i) for i in ids]).replace("\n", " ")
     return PromptError(
         f"prompt {int(ex['_index'])} (epoch {int(ex['_epoch'])}) of task "
-        f"{it.streams[t].task.name} has {len(ids)} tokens, more than rl.max_prompt_len={limit}: "
+        f"{task} has {len(ids)} tokens, more than rl.max_prompt_len={limit}: "
         f"{text[:80]!r}... (raise rl.max_prompt_len or drop such prompts from the data)"
     )
 
@@ -83,15 +83,15 @@ class PromptStream:
     def next(self) -> PromptBatch:
         prompts, records = [], []
         while len(prompts) < self.it.batch_size:
-            got = self.it._pull_raw()
+            got = self.it.next_example()
             if got is None:
                 raise PromptError(f"{self.it.name}: the {self.it.split} split has no prompts")
-            t, ex = got
+            task, ex = got
             if len(ex["prompt"]) > self.limit:  # the upfront check makes this unreachable
-                raise _too_long(self.it, t, ex, self.limit)
+                raise _too_long(self.it, task, ex, self.limit)
             prompts.append([int(i) for i in ex["prompt"]])
             records.append(_record(ex))
-        self.it.batches += 1
+        self.it.batches += 1  # a batch of our own: the position records count batches too
         return PromptBatch(prompts, records)
 
     def get_state(self) -> dict:
@@ -115,14 +115,14 @@ def check_prompts(config, tokenizer: Tokenizer, split: str = "train") -> int:
     it = _iterator(config, tokenizer, split, 1)
     n = 0
     try:
-        while (got := it._pull_raw()) is not None:
-            t, ex = got
+        while (got := it.next_example()) is not None:
+            task, ex = got
             if len(ex["prompt"]) > rl.max_prompt_len:
-                raise _too_long(it, t, ex, rl.max_prompt_len)
+                raise _too_long(it, task, ex, rl.max_prompt_len)
             if field is not None and field not in _record(ex):
                 raise PromptError(
                     f"prompt {int(ex['_index'])} (epoch {int(ex['_epoch'])}) of task "
-                    f"{it.streams[t].task.name} has no {field!r}: rl.reward_fn="
+                    f"{task} has no {field!r}: rl.reward_fn="
                     f"{rl.reward_fn!r} scores responses against it"
                 )
             n += 1

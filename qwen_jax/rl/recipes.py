@@ -7,12 +7,16 @@ tiny models of the demo chain (commands in each experiment file's docstring).
 Slices (recipes.TOPOLOGY for PPO, the chat-SFT slice of the same size). Per-device state of
 PPO: policy and value each trainable with fp32 master weights and AdamW's two fp32 moments
 (12 bytes/param each, sharded fsdp over the slice), reference and reward models frozen in
-bf16 (2 bytes/param each): 28 bytes/param in all, 2.3x the SFT stage's 12. For 7B on v5p-32
-(16 chips x 95 GiB): 7.7e9 x 28 B = 200 GiB, 12.5 GiB a chip, leaving room for the rollout's
-KV cache (128 rows x 2048 positions x 32 layers x 16 KiB = 8 GiB a chip) and remat activations.
-1.8B on v5p-8: 13 GiB a chip; 14B on v5p-64: 12 GiB a chip. GRPO has no value or reward model
-(14 bytes/param): 7B fits v5p-16 (8 chips: 13 GiB state + 17 GiB of KV cache for 256 rows x
-1024). `qwen-jax compile` checks each (per-program HBM + the four models' resident bytes).
+bf16 (2 bytes/param each), and the rollout engine's own per-layer copy of the policy weights
+(4 bytes/param, refreshed in place each iteration): 32 bytes/param in all, 2.7x the SFT stage's
+12. For 7B on v5p-32 (16 chips x 95 GiB): 7.7e9 x 32 B = 229 GiB, 14.3 GiB a chip, leaving room
+for the rollout's KV cache (128 rows x 2048 positions x 32 layers x 16 KiB = 8 GiB a chip) and
+remat activations. 1.8B on v5p-8: 15 GiB a chip; 14B on v5p-64: 14 GiB a chip. GRPO has no
+value or reward model (18 bytes/param): 7B fits v5p-16 (8 chips: 16 GiB state + 17 GiB of KV
+cache for 256 rows x 1024). `qwen-jax compile` checks each: every program of an iteration
+(scoring, updates, the engine's prefill and decode) beside the resident models; full depth,
+--fast, the whole iteration peaks at 48.9 GiB a chip (PPO 1.8B), 38.5 (PPO 7B), 53.4 (GRPO 7B)
+of 95 (WORKSPACE.md).
 """
 
 from __future__ import annotations

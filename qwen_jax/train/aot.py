@@ -145,20 +145,24 @@ def compile_for_topology(config: TrainConfig, topology: str, *, fast: bool = Fal
 
 @dataclasses.dataclass
 class RLCompileReport:
-    """`qwen-jax compile` of an RL experiment: every program of an iteration (rollout prefill
-    and decode, scoring forwards, policy and value updates) compiled for the slice, and the
-    four models' weights (+ optimizer states) resident on a device for the whole run.
+    """`qwen-jax compile` of an RL experiment: every program of an iteration (the rollout
+    engine's new-cache, prefill, first-token and decode steps, the scoring forward, the value
+    and policy updates) compiled for the slice, with what stays resident on a device for the
+    whole run: policy and value params + AdamW states, the frozen reference and reward models
+    and the rollout engine's copy of the policy weights.
 
-    A program fits when the resident bytes it does not take as arguments plus its own peak
-    fit in HBM: every program runs while all four models stay resident, so a program's peak
-    counts the weights it reads once (as its arguments) and the others beside them."""
+    A program runs while everything resident stays put, so its peak per device is the resident
+    total, minus the resident trees it takes as arguments (`reads`: counted once, inside its
+    own peak), plus its own peak (arguments + outputs - aliased + temporaries). The whole
+    iteration's HBM is the largest program peak."""
 
     topology: str
     devices: int
     mesh: dict[str, int]
     hbm_per_device: int
-    resident: dict[str, int] = dataclasses.field(default_factory=dict)  # model -> bytes/device
+    resident: dict[str, int] = dataclasses.field(default_factory=dict)  # tree -> bytes/device
     programs: dict[str, CompileReport] = dataclasses.field(default_factory=dict)
+    reads: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # see above
     compile_seconds: float = 0.0
     error: str = ""
 
@@ -166,39 +170,45 @@ class RLCompileReport:
     def resident_bytes(self) -> int:
         return sum(self.resident.values())
 
-    def program_peak(self, report: CompileReport) -> int:
-        # The program's own peak, plus the resident state it does not hold as arguments.
-        return report.peak_bytes + max(0, self.resident_bytes - report.argument_bytes)
+    def program_peak(self, name: str) -> int:
+        report = self.programs[name]
+        held = sum(self.resident.get(k, 0) for k in self.reads.get(name, ()))
+        return self.resident_bytes - held + report.peak_bytes
+
+    @property
+    def iteration_peak(self) -> int:
+        """Per-device HBM of the whole iteration: the largest program peak."""
+        return max((self.program_peak(n) for n in self.programs), default=self.resident_bytes)
 
     @property
     def fits(self) -> bool:
-        if self.error or self.resident_bytes > self.hbm_per_device:
+        if self.error or not self.programs or any(r.error for r in self.programs.values()):
             return False
-        return all(
-            not r.error and self.program_peak(r) <= r.hbm_per_device for r in self.programs.values()
-        )
+        return self.iteration_peak <= self.hbm_per_device
 
     def summary(self) -> str:
         head = f"{self.topology}: {self.devices} devices, mesh {self.mesh}"
         if self.error:
             return f"{head}\nDOES NOT FIT / FAILED: {self.error}"
-        lines = [head, "  resident per device (weights + optimizer states):"]
+        lines = [head, "  resident per device for the whole run:"]
         for name, b in self.resident.items():
-            lines.append(f"    {name:<10} {b / GIB:8.2f} GiB")
-        lines.append(
-            f"    {'all':<10} {self.resident_bytes / GIB:8.2f} GiB of "
-            f"{self.hbm_per_device / GIB:.0f}"
-        )
-        lines.append("  programs (peak per device, with the resident state beside it):")
+            lines.append(f"    {name:<18} {b / GIB:8.2f} GiB")
+        lines.append(f"    {'all':<18} {self.resident_bytes / GIB:8.2f} GiB")
+        lines.append("  programs (peak per device with the resident state beside it):")
         for name, r in self.programs.items():
             if r.error:
                 lines.append(f"    {name}: FAILED: {r.error}")
                 continue
             lines.append(
-                f"    {name:<24} {self.program_peak(r) / GIB:8.2f} GiB (args "
+                f"    {name:<20} {self.program_peak(name) / GIB:8.2f} GiB (args "
                 f"{r.argument_bytes / GIB:.2f}, temp {r.temp_bytes / GIB:.2f}, out "
-                f"{r.output_bytes / GIB:.2f}); compiled in {r.compile_seconds:.1f} s"
+                f"{r.output_bytes / GIB:.2f}, aliased {r.alias_bytes / GIB:.2f}); "
+                f"compiled in {r.compile_seconds:.1f} s"
             )
+        lines.append(
+            f"  whole iteration: {self.iteration_peak / GIB:.2f} GiB per device of "
+            f"{self.hbm_per_device / GIB:.0f}"
+        )
         lines.append(f"  compiled in {self.compile_seconds:.1f} s; fits: {self.fits}")
         return "\n".join(lines)
 
@@ -218,11 +228,15 @@ def _per_device_bytes(tree) -> int:
 
 
 def compile_rl_for_topology(config: TrainConfig, topology: str, *, fast: bool = False):
-    """Lower and compile every program of one RL iteration (`RL.aot_programs`) for
-    `topology` from abstract state only; never allocates nor reads a weight."""
+    """Lower and compile every program of one RL iteration for `topology` (RLCompileReport):
+    the scoring and update steps (`RL.aot_programs`) and the rollout engine's programs
+    (rl/rollout_aot.py), from abstract state only; never allocates nor reads a weight."""
     from qwen_jax.rl.algo import build_rl
+    from qwen_jax.rl.rollout_aot import rollout_programs
     from qwen_jax.tokenizer import load_tokenizer
 
+    if not topology:
+        raise ValueError("no topology: pass --topology or set config.tpu.topology")
     gen, devices = topology_devices(topology)
     mesh = make_mesh(config.mesh, devices=devices)
     hbm = hardware.CHIPS[gen].hbm_bytes
@@ -240,14 +254,22 @@ def compile_rl_for_topology(config: TrainConfig, topology: str, *, fast: bool = 
         # Outside set_mesh, as the trainer's build_steps: abstract models carry logical axes.
         # load=False: abstract weights only (the sources need not exist on this host).
         rl = build_rl(config, load_tokenizer(config.data.tokenizer), mesh, load=False)
-        models = {
-            "policy": rl.policy_abstract,  # params + AdamW state (fp32)
-            "value": rl.value_abstract,
-            "reference": rl.reference.abstract,
-            "reward": rl.reward.abstract if rl.reward is not None else None,
-        }
-        report.resident = {k: _per_device_bytes(v) for k, v in models.items() if v is not None}
         programs = rl.aot_programs()  # lowered under the mesh (RL.aot_programs)
+        engine_programs, engine_weights = rollout_programs(rl, mesh)
+        programs.update(engine_programs)
+        policy, value = rl.policy_abstract, rl.value_abstract
+        trees = {
+            "policy_params": policy["params"],
+            "policy_opt_state": {k: v for k, v in policy.items() if k != "params"},
+            "reference": rl.reference.abstract,
+            "rollout_weights": engine_weights,
+        }
+        if rl.ppo:
+            trees["value_params"] = value["params"]
+            trees["value_opt_state"] = {k: v for k, v in value.items() if k != "params"}
+            trees["reward"] = rl.reward.abstract
+        report.resident = {k: _per_device_bytes(v) for k, v in trees.items()}
+        report.reads = _RL_READS
         with jax.set_mesh(mesh):
             for name, lowered in programs.items():
                 report.programs[name] = _compile_program(lowered, topology, devices, mesh, hbm)
@@ -257,6 +279,16 @@ def compile_rl_for_topology(config: TrainConfig, topology: str, *, fast: bool = 
         jax.config.update("jax_optimization_level", previous)
     report.compile_seconds = time.perf_counter() - start
     return report
+
+
+# The resident trees each RL program takes as arguments (RLCompileReport.program_peak).
+_RL_READS = {
+    "experience": ("policy_params", "reference", "value_params", "reward"),
+    "policy_step": ("policy_params", "policy_opt_state"),
+    "value_step": ("value_params", "value_opt_state"),
+    "rollout_prefill": ("rollout_weights",),
+    "rollout_decode": ("rollout_weights",),
+}
 
 
 def _compile_program(lowered, topology, devices, mesh, hbm) -> CompileReport:
