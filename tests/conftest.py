@@ -26,18 +26,16 @@ def demo_assets(tmp_path_factory):
     return build_demo_assets(tmp_path_factory.mktemp("demo_assets"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def xla_cache_dir(tmp_path_factory) -> Path:
-    """The run's one persistent XLA compilation cache folder, for
-    qwen_jax.testing.compile_cache.persistent_compile_cache: a program that several modules
-    build (the tiny experiment's train step: test_trainer, test_checkpoint_reliability,
-    test_gcs_workdir) compiles once per run, not once per module. Under xdist the workers'
-    base temps are siblings, so their parent holds one folder for both workers.
+    """A persistent XLA compilation cache folder for one test module, for
+    qwen_jax.testing.compile_cache.persistent_compile_cache: the module's repeated runs (and the
+    trainer subprocesses it starts) load the step its first run compiled.
 
+    One folder per module, not one per test run: a folder shared by both xdist workers had
+    processes of two modules writing and reading the same entries at once, and the fresh-clone
+    suite then failed bit-identical-resume tests that pass with a folder of their own.
     Not set process-wide (JAX_COMPILATION_CACHE_DIR for every test) on purpose: JAX decides once
     per process whether to use the cache, for every backend after, so the TPU AOT tests would
     write their executables too, and every small test program would be written."""
-    base = tmp_path_factory.getbasetemp()
-    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "xla_cache"
-    path.mkdir(exist_ok=True)
-    return path
+    return tmp_path_factory.mktemp("xla_cache")
