@@ -15,8 +15,8 @@ remat activations. 1.8B on v5p-8: 15 GiB a chip; 14B on v5p-64: 14 GiB a chip. G
 value or reward model (18 bytes/param): 7B fits v5p-16 (8 chips: 16 GiB state + 17 GiB of KV
 cache for 256 rows x 1024). `qwen-jax compile` checks each: every program of an iteration
 (scoring, updates, the engine's prefill and decode) beside the resident models; full depth,
---fast, the whole iteration peaks at 48.9 GiB a chip (PPO 1.8B), 38.5 (PPO 7B), 53.4 (GRPO 7B)
-of 95 (WORKSPACE.md).
+--fast, the whole iteration peaks at 48.9 GiB a chip (PPO 1.8B), 38.5 (PPO 7B), 31.6 (PPO 14B),
+53.4 (GRPO 7B) of 95 (WORKSPACE.md).
 """
 
 from __future__ import annotations
