@@ -163,3 +163,17 @@ def test_unknown_force_stage_is_a_clear_error(tmp_path):
     with pytest.raises(ChainError, match="no such stage"):
         reproduce.run_chain(tmp_path / "new", TEST, force=("coder",))
     assert not (tmp_path / "new").exists()
+
+
+def test_full_settings_change_only_the_math_stage(tmp_path):
+    """FULL's stage_changes reach the math stage's config (batch, dropout, schedule length) and
+    no other stage's."""
+    configs = {s.name: reproduce.stage_config(s, tmp_path, reproduce.FULL) for s in STAGES}
+    math = configs["math_qwen_chat"]
+    assert (math.data.global_batch, dict(math.model_overrides)["dropout"]) == (32, 0.0)
+    assert math.run.steps == math.optim.total_steps == 600
+    assert math.run.eval_every == 300
+    for name in ("code_qwen", "code_qwen_chat"):
+        c = configs[name]
+        assert c.run.steps == c.optim.total_steps == 300
+        assert c.data.global_batch == 8
