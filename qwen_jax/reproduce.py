@@ -108,7 +108,13 @@ FULL = Settings(
 # `make demo`: a 200-step base (the variants learn their domains from it: the base's own steps
 # are the chain's largest cost), each `:runlocal` form as written, the first 48 held-out items of
 # each benchmark, a short entropy pass.
-QUICK = Settings("quick", base_steps=200, eval_limit=48, entropy_batches=10)
+QUICK = Settings(
+    "quick",
+    base_steps=200,
+    eval_limit=48,
+    entropy_batches=10,
+    stage_changes=(("code_qwen", "run.steps", 40), ("code_qwen_chat", "run.steps", 300)),
+)
 
 
 # ------------------------------------------------------------------------------------ layout
