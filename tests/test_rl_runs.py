@@ -169,14 +169,23 @@ def test_ppo_sigkill_then_resume_repeats_the_metrics(
 def test_grpo_nan_reward_stops_naming_the_iteration(models, demo_assets, tmp_path, monkeypatch):
     from qwen_jax.rl import algo, loop, rewards
     from qwen_jax.rl.algo import RLNumericsError
+    from qwen_jax.rl.rollout import Rollouts
     from qwen_jax.train.checkpointing import TrainCheckpointer
 
     real_rewards, real_build, calls, built = rewards.rule_rewards, algo.build_rl, [], []
+    real_responses = Rollouts.responses
 
     def poisoned(name, responses, records):
-        calls.append(1)
+        calls.append(responses)
         out = real_rewards(name, responses, records)
         return [float("nan")] * len(out) if len(calls) == 3 else out
+
+    def with_unknown_id(self):
+        # An id past the tokenizer (a padded embedding row: the tiny model's vocabulary is
+        # the tokenizer's, so add one): scored as text with a marker, not a crash.
+        out = real_responses(self)
+        out[0] = out[0] + [built[0].tokenizer.vocab_size + 3]
+        return out
 
     def build(*args, **kwargs):
         built.append(real_build(*args, **kwargs))
@@ -184,11 +193,14 @@ def test_grpo_nan_reward_stops_naming_the_iteration(models, demo_assets, tmp_pat
 
     monkeypatch.setattr(rewards, "rule_rewards", poisoned)
     monkeypatch.setattr(algo, "build_rl", build)
+    monkeypatch.setattr(Rollouts, "responses", with_unknown_id)
     cfg = config(GRPO, changes(GRPO, models, demo_assets, **{"run.checkpoint_every": 1}))
     with pytest.raises(RLNumericsError, match=r"stopped at iteration 3 \(.*reward_raw is nan.*"
                        r"last checkpoint is iteration 2") as err:  # fmt: skip
         loop.train_rl(cfg, tmp_path)
     assert len(str(err.value).splitlines()) == 1
+    unk = f"<unk:{built[0].tokenizer.vocab_size + 3}>"
+    assert all(texts[0].endswith(unk) for texts in calls), calls[0][0]
     rows = metric_rows(tmp_path)
     assert sorted(rows) == [1, 2]
     for row in rows.values():  # GRPO's reward: the exact-match rate of the group's samples

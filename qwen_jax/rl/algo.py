@@ -434,8 +434,12 @@ class RL:
         host = {"tokens": ro.tokens, "lengths": ro.lengths, "mask": mask}
         if not self.ppo:
             from qwen_jax.rl.rewards import rule_rewards
+            from qwen_jax.tokenizer.base import decode_marking_unknown
 
-            texts = [self.tokenizer.decode(r) for r in ro.responses()]
+            # A policy whose embedding has more rows than the tokenizer has ids (Qwen2's padded
+            # 151,936) can sample an id with no text: it becomes a `<unk:ID>` marker, as in
+            # serving, and the reply is scored as written.
+            texts = [decode_marking_unknown(self.tokenizer, r)[0] for r in ro.responses()]
             rows = [records[g] for g in ro.group]
             host["rule_rewards"] = np.asarray(rule_rewards(rl.reward_fn, texts, rows), np.float32)
         timings["time_rollout_s"] = time.perf_counter() - t0
