@@ -176,20 +176,25 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-class sigterm_as_interrupt:
-    """SIGTERM to the launcher stops it the way Ctrl-C does (main thread only)."""
+class signals_as_interrupt:
+    """SIGTERM and SIGINT to the launcher stop it the way Ctrl-C does (main thread only).
+
+    SIGINT is set explicitly: a process started in the background of a non-interactive shell
+    (`qwen-jax sweep launch ... &` in a script) inherits SIGINT ignored, and Python then never
+    turns it into KeyboardInterrupt, so `kill -INT` would be lost and every point would run."""
 
     def __enter__(self):
-        self.old = None
-        try:
-            self.old = signal.signal(signal.SIGTERM, _raise_interrupt)
-        except ValueError:  # not the main thread
-            pass
+        self.old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.old[sig] = signal.signal(sig, _raise_interrupt)
+            except ValueError:  # not the main thread
+                pass
         return self
 
     def __exit__(self, *exc):
-        if self.old is not None:
-            signal.signal(signal.SIGTERM, self.old)
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
 
 
 def _raise_interrupt(_signum, _frame):

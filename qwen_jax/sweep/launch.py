@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from qwen_jax.cli import UsageError
-from qwen_jax.sweep.backends import Job, Local, TpuVm, Xpk, sigterm_as_interrupt
+from qwen_jax.sweep.backends import Job, Local, TpuVm, Xpk, signals_as_interrupt
 
 BACKENDS = ("local", "tpu-vm", "xpk")
 LOCAL_ROOT = "runs/sweeps"
@@ -76,7 +76,7 @@ def _run_job(backend, job: Job, label: str) -> int:
     print(f"# {label}: {state} -> {job.workdir}", flush=True)
     start = time.monotonic()
     try:
-        with sigterm_as_interrupt():
+        with signals_as_interrupt():
             rc = backend.run(job)
     except KeyboardInterrupt:
         print(f"# {label}: interrupted; launch again to resume it", flush=True)
